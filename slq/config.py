@@ -1,0 +1,197 @@
+"""Typed configuration: one tree of dataclasses loaded from params.yaml and validated on load.
+
+Every path and setting lives in params.yaml; each pipeline stage reads its own section (same
+name as the stage module and the dvc.yaml stage). Unknown keys are errors, so a typo in
+params.yaml is caught before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    """The dataset: a manifest of (id, image, caption, split) rows under `root`."""
+
+    root: str = "data/world"  # the raw data folder, pinned by data.dvc
+    manifest: str = "manifest.jsonl"  # relative to root
+    builtin: bool = True  # generate the synthetic world when the folder is missing
+    seed: int = 0
+    n_train: int = 2000  # scenes (images) per split
+    n_val: int = 200
+    n_test: int = 1000
+    captions_per_image: int = 2
+    image_size: int = 64
+
+
+@dataclass
+class BackboneConfig:
+    """The frozen MLLM: a local Hugging Face checkpoint directory."""
+
+    path: str = "models/tiny-qwen2-vl"
+    builtin: str | None = "qwen2_vl"  # build this tiny random model at `path` when it is missing
+    dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
+    device: str = "auto"
+
+
+@dataclass
+class PromptConfig:
+    text: str = "{text}"
+    image: str = ""
+    multimodal: str = "{text}"
+    add_generation_prompt: bool = False
+
+
+@dataclass
+class ValidateConfig:
+    report: str = "reports/validate.json"
+    data_docs: str = "reports/data_docs"
+    splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
+    eval_splits: list[str] = field(default_factory=lambda: ["val", "test"])
+    min_caption_chars: int = 3
+    max_caption_chars: int = 300
+    examples: int = 5  # failing rows shown per expectation
+
+
+@dataclass
+class TrainConfig:
+    out: str = "checkpoints/slq"  # the checkpoint folder (DVC output)
+    work_dir: str = "checkpoints/.work"  # periodic checkpoints for resume
+    metrics: str = "metrics/train.json"
+    history: str = "metrics/train_history.csv"
+    num_queries: int = 8
+    init: str = "random"  # "random" or "text:<words>" (token embeddings of a text)
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 5e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 30
+    grad_clip: float = 1.0
+    temperature: float = 0.07
+    save_every: int = 100
+    seed: int = 0
+    split_forward: bool = True
+
+
+@dataclass
+class EmbedConfig:
+    out: str = "artifacts/embeddings"  # one .npy + .jsonl per (split, modality)
+    splits: list[str] = field(default_factory=lambda: ["test"])
+    batch_size: int = 64
+
+
+@dataclass
+class IndexConfig:
+    uri: str = "artifacts/lancedb"
+    table_prefix: str = "slq"
+    ann_min_rows: int = 100_000  # build an ANN index at or above this many rows
+    out: str = "artifacts/index.json"  # table names and versions
+
+
+@dataclass
+class EvaluateConfig:
+    metrics: str = "metrics/eval.json"
+    plots: str = "metrics/recall_at_k.csv"
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    split: str = "test"
+
+
+@dataclass
+class RegisterConfig:
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_location: str | None = None  # default: ./mlartifacts
+    experiment: str = "slq"
+    model_name: str = "slq-retriever"
+    alias: str = "champion"
+    gate_metric: str = "t2i_R@1"  # promotion only when this beats the current champion
+    out: str = "reports/register.json"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+    root: str = "."  # the project directory every relative path is taken from
+
+    def path(self, p: str | Path) -> Path:
+        """A configured path, resolved against the project root."""
+        p = Path(p)
+        return p if p.is_absolute() else Path(self.root) / p
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("root")
+        return d
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"params.yaml: `{where}` must be a mapping, got {type(values).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"params.yaml: unknown key(s) {unknown} in `{where}`; known: {sorted(names)}")
+    kw: dict[str, Any] = {}
+    for name, value in values.items():
+        hint = hints[name]
+        sub = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hint):
+            kw[name] = _build(hint, value or {}, sub)
+        else:
+            kw[name] = _check(hint, value, sub)
+    return cls(**kw)
+
+
+def _check(hint, value, where: str):
+    origin = getattr(hint, "__origin__", None)
+    ok = True
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is str:
+        ok = isinstance(value, str)
+    elif origin is list:
+        ok = isinstance(value, list)
+    elif str(hint).startswith(("str | None", "typing.Optional[str]")):
+        ok = value is None or isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"params.yaml: `{where}` should be {getattr(hint, '__name__', hint)}, got {value!r}")
+    return value
+
+
+def load_config(path: str | Path = "params.yaml", overrides: dict | None = None) -> Config:
+    """Load params.yaml (missing sections take their defaults) and apply dotted-key overrides."""
+    import yaml
+
+    path = Path(path)
+    values = {}
+    if path.exists():
+        values = yaml.safe_load(path.read_text()) or {}
+    for key, value in (overrides or {}).items():
+        node = values
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    values.setdefault("root", str(path.parent if path.parent != Path("") else Path(".")))
+    return _build(Config, values, "")
