@@ -1,0 +1,110 @@
+"""A query checkpoint is a small folder: `queries.safetensors` + `slq.json` (the manifest).
+
+The manifest records everything needed to rebuild and audit the encoder: backbone id/path,
+revision, model_type, hidden size, N_q, pooling, prompts, training config, data hashes and
+metrics. Folders are written to a temporary sibling and renamed, so a crash never leaves a
+half-written checkpoint where a good one was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+WEIGHTS = "queries.safetensors"
+MANIFEST = "slq.json"
+FORMAT = "slq-queries/1"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_hash(ckpt_dir: str | Path) -> str:
+    """Content hash of the learned tensors (the manifest's metrics may change; the model does not)."""
+    return file_sha256(Path(ckpt_dir) / WEIGHTS)[:16]
+
+
+def write_atomic_dir(out_dir: str | Path, write_fn) -> Path:
+    """Call write_fn(tmp_dir), then replace out_dir by it in one rename."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
+    try:
+        write_fn(tmp)
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def write_json_atomic(path: str | Path, obj) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def save_checkpoint(out_dir, queries: torch.Tensor, log_temp: torch.Tensor | None, manifest: dict) -> Path:
+    from safetensors.torch import save_file
+
+    tensors = {"queries": queries.detach().float().cpu().contiguous()}
+    if log_temp is not None:
+        tensors["log_temp"] = log_temp.detach().float().cpu().reshape(1).contiguous()
+    manifest = {"format": FORMAT, **manifest, "num_queries": int(queries.shape[0]),
+                "hidden_size": int(queries.shape[1])}
+
+    def write(tmp: Path):
+        save_file(tensors, str(tmp / WEIGHTS))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+
+    return write_atomic_dir(out_dir, write)
+
+
+def read_manifest(ckpt_dir: str | Path) -> dict:
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / MANIFEST
+    if not path.is_file() or not (ckpt_dir / WEIGHTS).is_file():
+        raise CheckpointError(
+            f"{ckpt_dir} is not an SLQ checkpoint: expected {WEIGHTS} and {MANIFEST} in it"
+        )
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unknown checkpoint format {manifest.get('format')!r} (expected {FORMAT})")
+    return manifest
+
+
+def load_checkpoint(ckpt_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """(queries (Nq, D) fp32, log_temp or None, manifest)."""
+    from safetensors.torch import load_file
+
+    manifest = read_manifest(ckpt_dir)
+    tensors = load_file(str(Path(ckpt_dir) / WEIGHTS))
+    q = tensors["queries"]
+    if tuple(q.shape) != (manifest["num_queries"], manifest["hidden_size"]):
+        raise CheckpointError(f"{ckpt_dir}: queries shape {tuple(q.shape)} disagrees with the manifest")
+    lt = tensors.get("log_temp")
+    return q, (lt.reshape(()) if lt is not None else None), manifest
