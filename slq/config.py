@@ -112,6 +112,7 @@ class RegisterConfig:
     model_name: str = "slq-retriever"
     alias: str = "champion"
     gate_metric: str = "t2i_R@1"  # promotion only when this beats the current champion
+    log_backbone: bool = True  # copy the backbone into the logged model (self-contained); False: record its path
     out: str = "reports/register.json"
 
 

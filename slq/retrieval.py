@@ -32,9 +32,10 @@ def topk(
     `exclude` drops gallery items per query: shape (Q,) or (Q, m) gallery indices, negative =
     nothing (e.g. the reference image in composed retrieval). Dropped items score -inf, so they
     only appear when k exceeds the items left. k is clipped to the gallery size.
-    Ties: lower gallery index first. Returns (indices (Q, k) int64, scores (Q, k)).
+    Ties: lower gallery index first. Scores must not be NaN. Returns (indices (Q, k) int64, scores (Q, k)).
     """
-    queries, gallery = np.asarray(queries), np.asarray(gallery)
+    dtype = np.result_type(queries, gallery, np.float32)  # float32 stays float32; ints become float
+    queries, gallery = np.asarray(queries, dtype=dtype), np.asarray(gallery, dtype=dtype)
     n_q, n_g = len(queries), len(gallery)
     if k < 1 or n_g == 0:
         raise ValueError(f"need k >= 1 and a non-empty gallery, got k={k}, gallery {gallery.shape}")
@@ -42,7 +43,7 @@ def topk(
     if exclude is not None:
         exclude = np.asarray(exclude, dtype=np.int64).reshape(n_q, -1)  # (Q, m)
     out_idx = np.empty((n_q, k), dtype=np.int64)
-    out_score = np.empty((n_q, k), dtype=np.result_type(queries, gallery))
+    out_score = np.empty((n_q, k), dtype=dtype)
     for lo in range(0, n_q, chunk):
         s = queries[lo : lo + chunk] @ gallery.T  # (C, G)
         if exclude is not None:

@@ -143,14 +143,14 @@ def fit(
                "temperature": loss_fn.temperature.item(), "grad_norm": float(grad_norm),
                "step_time": time.perf_counter() - t0}
         result.history.append(rec)
-        if on_step is not None:
-            on_step(rec)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", t=f"{rec['temperature']:.3f}")
         done = step + 1
         if last is not None and rank == 0 and (done % cfg.save_every == 0 or done == cfg.steps):
             _save_state(last, encoder, loss_fn, opt, sched, done, result.history, cfg)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", t=f"{rec['temperature']:.3f}")
+        if on_step is not None:
+            on_step(rec)
     if bar is not None:
         bar.close()
     result.steps = end

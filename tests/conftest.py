@@ -1,0 +1,45 @@
+import os
+
+for k, v in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "DO_NOT_TRACK": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(k, v)
+
+import pytest  # noqa: E402
+
+from slq.backbones.tiny import TINY_TYPES  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """One tiny random model of every supported class, saved like a real checkpoint."""
+    from slq.backbones.tiny import build_tiny_backbone
+
+    root = tmp_path_factory.mktemp("backbones")
+    return {t: build_tiny_backbone(t, root / t) for t in TINY_TYPES}
+
+
+@pytest.fixture(scope="session")
+def color_pairs():
+    """(image, caption) pairs that a query bank can learn to match."""
+    from PIL import Image, ImageDraw
+
+    colors = ["red", "green", "blue", "yellow", "purple", "orange", "white", "cyan"]
+    boxes = {"left": (4, 20), "right": (36, 20), "top": (20, 4), "bottom": (20, 36)}
+    pairs = []
+    for pos, (x, y) in boxes.items():
+        for c in colors:
+            for shape in ("circle", "square"):
+                im = Image.new("RGB", (56, 56), "gray")
+                d = ImageDraw.Draw(im)
+                (d.ellipse if shape == "circle" else d.rectangle)([x, y, x + 16, y + 16], fill=c)
+                pairs.append((im, f"a {c} {shape} on the {pos}"))
+    return pairs
