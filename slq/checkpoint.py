@@ -8,14 +8,12 @@ half-written checkpoint where a good one was.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from slq.io import file_sha256, write_atomic_dir
 
 WEIGHTS = "queries.safetensors"
 MANIFEST = "slq.json"
@@ -26,46 +24,9 @@ class CheckpointError(ValueError):
     pass
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def checkpoint_hash(ckpt_dir: str | Path) -> str:
     """Content hash of the learned tensors (the manifest's metrics may change; the model does not)."""
     return file_sha256(Path(ckpt_dir) / WEIGHTS)[:16]
-
-
-def write_atomic_dir(out_dir: str | Path, write_fn) -> Path:
-    """Call write_fn(tmp_dir), then replace out_dir by it in one rename."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
-    try:
-        write_fn(tmp)
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
-
-
-def write_json_atomic(path: str | Path, obj) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
-    return path
 
 
 def save_checkpoint(out_dir, queries: torch.Tensor, log_temp: torch.Tensor | None, manifest: dict) -> Path:

@@ -130,9 +130,9 @@ class Config:
     root: str = "."  # the project directory every relative path is taken from
 
     def path(self, p: str | Path) -> Path:
-        """A configured path, resolved against the project root."""
+        """A configured path, made absolute against the project root."""
         p = Path(p)
-        return p if p.is_absolute() else Path(self.root) / p
+        return p if p.is_absolute() else Path(self.root).resolve() / p
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -23,7 +23,7 @@ def topk(
     queries: np.ndarray,
     gallery: np.ndarray,
     k: int,
-    chunk: int = 4096,
+    chunk: int = 1024,
     exclude: np.ndarray | Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k gallery items per query by dot product, best first.
@@ -124,7 +124,7 @@ def recall_curve(ranks: np.ndarray, max_k: int) -> np.ndarray:
 
 
 def image_text_ranks(
-    img_emb: np.ndarray, txt_emb: np.ndarray, txt_to_img: np.ndarray, k: int, chunk: int = 4096
+    img_emb: np.ndarray, txt_emb: np.ndarray, txt_to_img: np.ndarray, k: int, chunk: int = 1024
 ) -> dict[str, np.ndarray]:
     """First-hit ranks both ways, searched to depth k.
 
@@ -155,7 +155,7 @@ def image_text_recall(
     txt_emb: np.ndarray,
     txt_to_img: np.ndarray,
     ks: Iterable[int] = (1, 5, 10),
-    chunk: int = 4096,
+    chunk: int = 1024,
 ) -> dict[str, float]:
     """Image-text retrieval recall both ways plus their mean (RSUM / 2 len(ks))."""
     ks = list(ks)

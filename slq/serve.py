@@ -78,7 +78,7 @@ def decode_image(value, row: int) -> Image.Image:
 
 def _present(value) -> bool:
     """Whether a cell holds something: None, NaN and blank strings count as missing."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return False
     return not (isinstance(value, str) and not value.strip())
 
@@ -97,7 +97,7 @@ class SLQPyfunc(mlflow.pyfunc.PythonModel):
         backbone = context.artifacts.get("backbone") or (context.model_config or {}).get("backbone_path")
         self.encoder = SLQEncoder.from_pretrained(backbone=backbone, queries=context.artifacts["checkpoint"])
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         """(N, D) float32 embeddings, one row per input row, in input order."""
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         texts = df["text"].tolist() if "text" in df else [None] * len(df)
@@ -132,9 +132,11 @@ def log_model(checkpoint_dir: Path, backbone_dir: Path, dim: int, *, log_backbon
     where that folder exists (for backbones too big to copy into every model version).
     """
     artifacts = {"checkpoint": str(checkpoint_dir)}
-    model_config = {"backbone_path": str(backbone_dir)}
+    model_config = None
     if log_backbone:
         artifacts["backbone"] = str(backbone_dir)
+    else:
+        model_config = {"backbone_path": str(Path(backbone_dir).resolve())}
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=SLQPyfunc(),

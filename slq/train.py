@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from slq.checkpoint import load_checkpoint, write_atomic_dir
+from slq.checkpoint import load_checkpoint
+from slq.io import write_atomic_dir
 from slq.loss import ContrastiveLoss, is_distributed, sync_gradients
 
 

@@ -4,6 +4,9 @@ Adding an MLLM family is one new module that subclasses `BackboneAdapter` and de
 with `@register_adapter("model_type", ...)`.
 """
 
+# Importing the family modules registers them.
+from slq.backbones import llava as _llava  # noqa: E402,F401
+from slq.backbones import qwen_vl as _qwen_vl  # noqa: E402,F401
 from slq.backbones.base import (
     ADAPTERS,
     BackboneAdapter,
@@ -14,10 +17,6 @@ from slq.backbones.base import (
     register_adapter,
     supported_model_types,
 )
-
-# Importing the family modules registers them.
-from slq.backbones import llava as _llava  # noqa: E402,F401
-from slq.backbones import qwen_vl as _qwen_vl  # noqa: E402,F401
 
 __all__ = [
     "ADAPTERS",

@@ -10,7 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from slq.backbones.tokenizer import LLAVA_SPECIALS, QWEN_SPECIALS, build_bpe_tokenizer, wrap_fast
+from slq.backbones.tokenizer import (
+    LLAVA_SPECIALS,
+    QWEN_SPECIALS,
+    build_bpe_tokenizer,
+    wrap_fast,
+)
 
 # Chat templates written for the tiny models; real checkpoints bring their own.
 QWEN_CHAT_TEMPLATE = (
@@ -180,10 +185,9 @@ def build_tiny_backbone(
     The directory is written to a temporary sibling and renamed, so a half-written
     backbone is never left behind.
     """
-    import shutil
-    import tempfile
-
     import torch
+
+    from slq.io import write_atomic_dir
 
     if model_type not in TINY_TYPES:
         raise ValueError(f"no tiny builder for model_type {model_type!r}; available: {', '.join(TINY_TYPES)}")
@@ -193,15 +197,10 @@ def build_tiny_backbone(
         model, processor = _llava(corpus, vocab_size, hidden_size, num_layers)
     else:
         model, processor = _qwen(model_type, corpus, vocab_size, hidden_size, num_layers)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+
+    def write(tmp: Path):
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+
+    write_atomic_dir(out_dir, write)
     return out_dir

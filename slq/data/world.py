@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from slq.config import DataConfig
+from slq.io import write_atomic_dir
 
 VERSION = 1  # bump when the rendering or captions change
 SPLITS = ("train", "val", "test")
@@ -55,19 +53,7 @@ def generate_world(cfg: DataConfig, root: Path) -> Path:
     so an interrupted run never leaves a half-written world behind.
     """
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
-        _write_world(cfg, tmp)
-        if root.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-            os.replace(root, old / root.name)
-            os.replace(tmp, root)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_atomic_dir(root, lambda tmp: _write_world(cfg, tmp))
     return root
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from slq.config import Config
+from slq.io import write_json_atomic, write_text_atomic
 from slq.retrieval import image_text_ranks, recall_curve, summarize
-from slq.stages.index import load_embeddings, read_meta, write_json_atomic, write_text_atomic
+from slq.stages.index import load_embeddings, read_meta
 
 CURVE_K = 50  # the plots CSV covers k = 1..max(CURVE_K, max(ks))
 

@@ -10,13 +10,12 @@ lancedb and pyarrow are imported inside functions (lancedb takes ~1.4 s to impor
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from slq.config import Config
+from slq.io import write_json_atomic
 
 MODALITIES = ("image", "text")
 METRIC = "dot"  # embeddings are L2-normalised; dot = cosine and matches the evaluate stage
@@ -41,19 +40,6 @@ def read_meta(emb_dir: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"embeddings file missing: {path} (run the embed stage)")
     return json.loads(path.read_text())
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temp file + rename, so readers (DVC, the next stage) never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def table_name(cfg: Config, split: str, modality: str) -> str:

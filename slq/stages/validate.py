@@ -14,10 +14,8 @@ report for bad data; a failing run writes `<report stem>.failed.json` next to it
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -25,6 +23,7 @@ from PIL import Image
 
 from slq.config import Config, ValidateConfig
 from slq.data.world import load_manifest
+from slq.io import write_json_atomic
 
 COLUMNS = ("id", "image_id", "image", "caption", "split")
 
@@ -57,9 +56,9 @@ def run(cfg: Config) -> dict:
     path = cfg.path(v.report)
     failed_path = path.with_suffix(".failed.json")
     if not success:
-        _write_json(failed_path, report)
+        write_json_atomic(failed_path, report)
         raise ValidationFailed(_failure_message(report, failed_path), report, failed_path)
-    _write_json(path, report)
+    write_json_atomic(path, report)
     failed_path.unlink(missing_ok=True)  # a stale failure report would only confuse
     return {"success": True, **_counts(df), "report": str(path)}
 
@@ -217,17 +216,3 @@ def _plain(x):
     if isinstance(x, (list, tuple, set)):
         return [_plain(y) for y in x]
     return x if isinstance(x, (str, int, float, bool, type(None), dict)) else str(x)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -1,0 +1,438 @@
+"""Where the compute goes: one SLQ training step, whole-sequence autograd vs split (KV-cache) forward.
+
+Builds a randomly initialised Qwen3-VL model whose text tower has Qwen3-4B's shape (hidden 2560,
+36 layers, 32 heads, 8 KV heads, head_dim 128, MLP 9728, vocab 151936) and a small vision tower,
+directly on the device in bf16 (nothing is downloaded or written to disk), wraps it in the
+project's adapter, and measures on left-padded random-token text batches:
+
+  * training step (forward + backward to the queries) for both ways of `SLQEncoder.embed_inputs`:
+    mean step time, peak extra memory, non-finite gradients, and how far apart the two ways'
+    query gradients are;
+  * forward-only embedding throughput (sequences/s, TFLOP/s) at batch 32 and 128.
+
+    python bench/bench_step.py                       # the real size, on the GPU (~1-2 min on an H100/H200)
+    python bench/bench_step.py --device cpu --dtype float32 --layers 2 --hidden 128 \
+        --batch 4 --seq 64 --steps 2 --warmup 1 --vocab 4096 --throughput-batches 4,8   # CPU smoke
+
+Imports only torch, transformers, numpy and the core `slq` modules, so it runs on a machine
+that has nothing else of this project installed.
+
+FLOP estimate (stated in the output too): per forward of B sequences padded to T tokens
+(prompt + N_q queries; pads are computed like any token),
+    matmul FLOPs    = 2 * P_dec * B * T      (P_dec = decoder parameters without the embedding table)
+    attention FLOPs = 2 * n_layers * B * T^2 * n_heads * head_dim   (QK^T and AV, causal half)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from slq.backbones.base import left_pad_positions  # noqa: E402
+from slq.backbones.qwen_vl import Qwen3VLAdapter  # noqa: E402
+from slq.encoder import SLQEncoder  # noqa: E402
+from slq.loss import ContrastiveLoss  # noqa: E402
+from slq.queries import LatentQueries  # noqa: E402
+
+# Qwen3-4B / Qwen3-VL-4B text tower.
+QWEN3_4B = dict(hidden=2560, layers=36, heads=32, kv_heads=8, head_dim=128, intermediate=9728, vocab=151936)
+QWEN_PAD_ID = 151643  # <|endoftext|>; ids >= this are special tokens and never drawn as text
+
+TARGET_SPEEDUP = 1.5
+TARGET_MEM_RATIO = 4.0
+
+
+# ---- model -------------------------------------------------------------------------------
+def text_shape(args) -> dict:
+    """Qwen3-4B's shape at hidden 2560; a proportionally small one otherwise (for smoke runs)."""
+    if args.hidden == QWEN3_4B["hidden"]:
+        d = dict(QWEN3_4B)
+    else:
+        hd = max(8, min(128, args.hidden // 4))
+        d = dict(hidden=args.hidden, layers=args.layers, heads=4, kv_heads=2, head_dim=hd,
+                 intermediate=args.hidden * 3, vocab=QWEN3_4B["vocab"])
+    d["layers"] = args.layers
+    for k in ("heads", "kv_heads", "head_dim", "intermediate", "vocab"):
+        if getattr(args, k) is not None:
+            d[k] = getattr(args, k)
+    return d
+
+
+def build_config(shape: dict):
+    half = shape["head_dim"] // 2
+    hw = half * 5 // 16  # Qwen3-VL-4B: [24, 20, 20] for head_dim 128
+    rope = {"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [half - 2 * hw, hw, hw],
+            "mrope_interleaved": True}
+    vocab = shape["vocab"]
+    # Special ids at the top of the vocabulary, as in Qwen (they only matter for images).
+    pad = min(QWEN_PAD_ID, vocab - 8)
+    text = dict(
+        vocab_size=vocab, hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"], head_dim=shape["head_dim"], hidden_act="silu",
+        max_position_embeddings=8192, rms_norm_eps=1e-6, rope_parameters=rope,
+        initializer_range=0.02, bos_token_id=pad, eos_token_id=pad + 2, pad_token_id=pad,
+    )
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=shape["hidden"],
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 1])
+    cfg = transformers.Qwen3VLConfig(
+        text_config=text, vision_config=vision, tie_word_embeddings=True,
+        image_token_id=pad + 5, video_token_id=pad + 6, vision_start_token_id=pad + 3, vision_end_token_id=pad + 4,
+    )
+    return cfg, pad
+
+
+def build_adapter(args, device: torch.device, dtype: torch.dtype):
+    shape = text_shape(args)
+    cfg, pad = build_config(shape)
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    with torch.device(device):
+        model = transformers.Qwen3VLForConditionalGeneration._from_config(
+            cfg, dtype=dtype, attn_implementation=args.attn)
+    model.to(device=device, dtype=dtype)  # no-op when created in place; guards older init paths
+    sync(device)
+    init_s = time.perf_counter() - t0
+    # The adapter needs only `.tokenizer` (pad id, padding side) from a processor for tensor inputs.
+    tok = SimpleNamespace(pad_token_id=pad, pad_token="<|endoftext|>", eos_token="<|im_end|>", padding_side="left")
+    adapter = Qwen3VLAdapter(model, SimpleNamespace(tokenizer=tok), source="random-init:qwen3-4b-shaped")
+    return adapter, shape, init_s
+
+
+def count_params(adapter) -> dict:
+    dec = adapter.decoder
+    p_dec = sum(p.numel() for n, p in dec.named_parameters() if "embed_tokens" not in n)
+    p_emb = adapter.input_embeddings.weight.numel()
+    p_all = sum(p.numel() for p in adapter.model.parameters())
+    return {"decoder_no_embedding": p_dec, "embedding": p_emb, "total": p_all}
+
+
+# ---- inputs ------------------------------------------------------------------------------
+def make_batch(batch: int, seq: int, vocab_text: int, pad: int, device, gen: torch.Generator) -> dict:
+    """Left-padded random-token text batch; lengths uniform in [2/3 seq, seq], one row full length."""
+    lo = max(1, (2 * seq) // 3)
+    lengths = torch.randint(lo, seq + 1, (batch,), generator=gen)
+    lengths[0] = seq
+    ids = torch.randint(0, vocab_text, (batch, seq), generator=gen)
+    cols = torch.arange(seq).unsqueeze(0)
+    mask = (cols >= (seq - lengths).unsqueeze(1)).long()  # (B, L), 0 on the left pads
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad))
+    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    inputs["position_ids"] = left_pad_positions(inputs["attention_mask"])
+    return inputs
+
+
+# ---- helpers -----------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def autocast_ctx(args, device):
+    if args.autocast and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def gib(n: int | None) -> float | None:
+    return None if n is None else n / 2**30
+
+
+# ---- measurements ------------------------------------------------------------------------
+def train_way(enc, loss_fn, targets, batches, split: bool, args, device) -> dict:
+    """Forward + backward to the queries, as in `slq.train.fit` (the text side of a step)."""
+    free(device)
+    base_mem = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    q = enc.queries.weight
+    times, nonfinite, first_grad = [], 0, None
+    n_total = args.warmup + args.steps
+    try:
+        for i in range(n_total):
+            inputs = batches[i % len(batches)]
+            q.grad = None
+            loss_fn.log_temp.grad = None
+            sync(device)
+            t0 = time.perf_counter()
+            with autocast_ctx(args, device):
+                emb = enc.embed_inputs(inputs, split=split)  # (B, D) fp32, L2-normalised
+            loss = loss_fn(emb, targets)
+            loss.backward()
+            sync(device)
+            dt = time.perf_counter() - t0
+            g = q.grad
+            if g is None or not bool(torch.isfinite(g).all()) or not bool(torch.isfinite(loss_fn.log_temp.grad).all()):
+                nonfinite += 1
+            if i == 0:
+                first_grad = g.detach().float().cpu().clone() if g is not None else None
+            if i >= args.warmup:
+                times.append(dt)
+            del emb, loss
+    except Exception as e:  # noqa: BLE001 - OOM is a result here, anything else is re-raised
+        if not is_oom(e):
+            raise
+        q.grad = None
+        loss_fn.log_temp.grad = None
+        free(device)
+        return {"status": "OOM", "error": str(e).splitlines()[0][:200]}
+    peak = torch.cuda.max_memory_allocated(device) - base_mem if device.type == "cuda" else None
+    q.grad = None
+    loss_fn.log_temp.grad = None
+    free(device)
+    return {
+        "status": "ok",
+        "step_time_s": float(np.mean(times)),
+        "step_time_median_s": float(np.median(times)),
+        "step_time_min_s": float(np.min(times)),
+        "peak_extra_bytes": peak,
+        "peak_extra_gib": gib(peak),
+        "steps_with_nonfinite_grad": nonfinite,
+        "steps_total": n_total,
+        "nan_grad": nonfinite > 0,
+        "_grad0": first_grad,
+    }
+
+
+def throughput(enc, batch: int, args, shape: dict, params: dict, device, gen) -> dict:
+    """Forward-only embedding (no autograd), as `SLQEncoder._encode` runs it."""
+    inputs = make_batch(batch, args.seq, args.text_vocab, enc.backbone.pad_id, device, gen)
+    T = args.seq + args.nq
+    mm = 2 * params["decoder_no_embedding"] * batch * T
+    attn = 2 * shape["layers"] * batch * T * T * shape["heads"] * shape["head_dim"]
+    n_warm, n_steps = max(1, min(2, args.warmup)), max(2, args.steps // 2)
+    free(device)
+    try:
+        times = []
+        with torch.no_grad():
+            for i in range(n_warm + n_steps):
+                sync(device)
+                t0 = time.perf_counter()
+                with autocast_ctx(args, device):
+                    emb = enc.embed_inputs(inputs, split=False)
+                sync(device)
+                if i >= n_warm:
+                    times.append(time.perf_counter() - t0)
+                del emb
+    except Exception as e:  # noqa: BLE001
+        if not is_oom(e):
+            raise
+        free(device)
+        return {"batch": batch, "status": "OOM"}
+    free(device)
+    t = float(np.mean(times))
+    return {"batch": batch, "status": "ok", "tokens_per_seq": T, "time_s": t, "seq_per_s": batch / t,
+            "tflops_matmul": mm / t / 1e12, "tflops_with_attention": (mm + attn) / t / 1e12,
+            "flops_matmul": mm, "flops_attention": attn}
+
+
+def grad_diff(a: torch.Tensor | None, b: torch.Tensor | None) -> dict:
+    if a is None or b is None:
+        return {"max_rel_diff": None, "rel_fro_diff": None, "cosine": None}
+    d = (a - b).abs()
+    scale = b.abs().max().clamp_min(1e-30)
+    return {
+        # max_i |g_whole_i - g_split_i| / max_i |g_split_i|  (elementwise ratios blow up near zero)
+        "max_rel_diff": float(d.max() / scale),
+        "rel_fro_diff": float((a - b).norm() / b.norm().clamp_min(1e-30)),
+        "cosine": float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)),
+    }
+
+
+# ---- report ------------------------------------------------------------------------------
+def fmt(x, spec=".3f", none="-"):
+    if x is None:
+        return none
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return str(x)
+    return format(x, spec)
+
+
+def print_report(res: dict) -> None:
+    c = res["config"]
+    print()
+    print(f"device   : {res['device']['name']}  ({res['device']['type']})")
+    print(f"versions : python {res['versions']['python']}, torch {res['versions']['torch']}, "
+          f"transformers {res['versions']['transformers']}")
+    print(f"model    : Qwen3-VL text tower {c['shape']}  params {res['params']}  init {c['init_s']:.1f}s")
+    print(f"step     : batch {c['batch']} x {c['seq']} tokens (left-padded, lengths {c['min_len']}-{c['seq']}), "
+          f"N_q {c['nq']}, dtype {c['dtype']}, autocast {c['autocast']}, attn {c['attn']}, "
+          f"{c['warmup']} warm-up + {c['steps']} timed")
+    print()
+    print(f"{'way':<7}{'status':<8}{'step time (s)':>14}{'median':>9}{'extra mem (GiB)':>17}{'non-finite grads':>18}")
+    for way in ("whole", "split"):
+        r = res["train"][way]
+        if r["status"] != "ok":
+            print(f"{way:<7}{r['status']:<8}")
+            continue
+        print(f"{way:<7}{'ok':<8}{fmt(r['step_time_s']):>14}{fmt(r['step_time_median_s']):>9}"
+              f"{fmt(r['peak_extra_gib'], '.2f'):>17}"
+              f"{str(r['steps_with_nonfinite_grad']) + '/' + str(r['steps_total']):>18}")
+    cmp = res["comparison"]
+    print()
+    print(f"speedup whole/split : {fmt(cmp['speedup'], '.2f')}x   (target >= {TARGET_SPEEDUP}x)")
+    print(f"memory whole/split  : {fmt(cmp['memory_ratio'], '.2f')}x   (target >= {TARGET_MEM_RATIO}x)")
+    print(f"query grad, whole vs split: max|diff|/max|g_split| {fmt(cmp['max_rel_diff'], '.3e')}, "
+          f"||diff||/||g_split|| {fmt(cmp['rel_fro_diff'], '.3e')}, cosine {fmt(cmp['cosine'], '.6f')}")
+    print()
+    print("forward-only embedding (no autograd, whole sequence):")
+    print(f"  {'batch':>6}{'time (s)':>10}{'seq/s':>10}{'TFLOP/s':>10}{'TFLOP/s +attn':>15}")
+    for t in res["throughput"]:
+        if t["status"] != "ok":
+            print(f"  {t['batch']:>6}  {t['status']}")
+            continue
+        print(f"  {t['batch']:>6}{fmt(t['time_s']):>10}{fmt(t['seq_per_s'], '.1f'):>10}"
+              f"{fmt(t['tflops_matmul'], '.1f'):>10}{fmt(t['tflops_with_attention'], '.1f'):>15}")
+    print(f"  FLOPs: {res['flop_formula']}")
+    print()
+    for k, v in res["targets"].items():
+        print(f"  {k:<28}{'PASS' if v is True else 'FAIL' if v is False else 'n/a'}")
+    print(f"overall: {'PASS' if res['pass'] else 'FAIL'}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=300, help="padded prompt length (before the N_q queries)")
+    p.add_argument("--nq", type=int, default=20)
+    p.add_argument("--layers", type=int, default=QWEN3_4B["layers"])
+    p.add_argument("--hidden", type=int, default=QWEN3_4B["hidden"])
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--kv-heads", dest="kv_heads", type=int, default=None)
+    p.add_argument("--head-dim", dest="head_dim", type=int, default=None)
+    p.add_argument("--intermediate", type=int, default=None)
+    p.add_argument("--vocab", type=int, default=None)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, flash_attention_2)")
+    p.add_argument("--no-autocast", dest="autocast", action="store_false",
+                   help="slq.train.fit runs under bf16 autocast on GPU; this turns it off")
+    p.add_argument("--throughput-batches", default="32,128")
+    p.add_argument("--skip-whole", action="store_true", help="measure only the split way")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"device {dev_name}; torch {torch.__version__}; transformers {transformers.__version__}; "
+          f"python {platform.python_version()}", flush=True)
+
+    adapter, shape, init_s = build_adapter(args, device, dtype)
+    params = count_params(adapter)
+    static_mem = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+    print(f"built model in {init_s:.1f}s: {params['total'] / 1e9:.3f}B params "
+          f"({params['decoder_no_embedding'] / 1e9:.3f}B decoder without embedding); "
+          f"static memory {fmt(gib(static_mem), '.2f')} GiB", flush=True)
+    args.text_vocab = min(QWEN_PAD_ID, shape["vocab"] - 8)
+
+    lq = LatentQueries(args.nq, shape["hidden"])
+    lq.reset_random(torch.Generator().manual_seed(args.seed))
+    enc = SLQEncoder(adapter, lq)
+    loss_fn = ContrastiveLoss().to(device)
+    gen = torch.Generator().manual_seed(args.seed)
+    batches = [make_batch(args.batch, args.seq, args.text_vocab, adapter.pad_id, device, gen) for _ in range(2)]
+    targets = torch.nn.functional.normalize(torch.randn(args.batch, shape["hidden"], generator=gen), dim=-1).to(device)
+
+    train = {}
+    for way in ("split", "whole"):  # split first: a whole-way OOM cannot fragment its measurement
+        if way == "whole" and args.skip_whole:
+            train[way] = {"status": "skipped"}
+            continue
+        print(f"timing {way} ...", flush=True)
+        train[way] = train_way(enc, loss_fn, targets, batches, way == "split", args, device)
+    g_whole, g_split = train["whole"].pop("_grad0", None), train["split"].pop("_grad0", None)
+
+    w, s = train["whole"], train["split"]
+    both = w["status"] == "ok" and s["status"] == "ok"
+    speedup = w["step_time_s"] / s["step_time_s"] if both else None
+    mem_ratio = (w["peak_extra_bytes"] / max(1, s["peak_extra_bytes"])
+                 if both and s.get("peak_extra_bytes") is not None else None)
+    comparison = {"speedup": speedup, "memory_ratio": mem_ratio, **grad_diff(g_whole, g_split)}
+
+    print("timing forward-only throughput ...", flush=True)
+    tp = [throughput(enc, int(b), args, shape, params, device, gen)
+          for b in args.throughput_batches.split(",") if b.strip()]
+
+    whole_oom = w["status"] == "OOM"
+    targets_ok = {
+        f"split >= {TARGET_SPEEDUP}x faster": (True if speedup is None and whole_oom and s["status"] == "ok"
+                                               else None if speedup is None else speedup >= TARGET_SPEEDUP),
+        f"split >= {TARGET_MEM_RATIO}x less memory": (True if whole_oom and s["status"] == "ok"
+                                                      else None if mem_ratio is None else mem_ratio >= TARGET_MEM_RATIO),
+        "split: no NaN/inf gradient": s["status"] == "ok" and not s["nan_grad"],
+    }
+    res = {
+        "device": {"type": device.type, "name": dev_name,
+                   "total_memory_gib": gib(torch.cuda.get_device_properties(device).total_memory)
+                   if device.type == "cuda" else None},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "cuda": torch.version.cuda},
+        "config": {"batch": args.batch, "seq": args.seq, "min_len": max(1, (2 * args.seq) // 3), "nq": args.nq,
+                   "dtype": args.dtype, "autocast": bool(args.autocast and device.type == "cuda"),
+                   "attn": args.attn, "warmup": args.warmup, "steps": args.steps, "shape": shape,
+                   "init_s": init_s, "seed": args.seed},
+        "params": params,
+        "static_memory_gib": gib(static_mem),
+        "train": train,
+        "comparison": comparison,
+        "throughput": tp,
+        "flop_formula": "2*P_dec*B*T (+ attention 2*n_layers*B*T^2*n_heads*head_dim, causal), "
+                        "T = seq + N_q, P_dec = decoder params without the embedding table",
+        "targets": targets_ok,
+        "pass": all(v is True for v in targets_ok.values()),
+        "total_time_s": None,
+    }
+    res["total_time_s"] = time.perf_counter() - t_start
+    print_report(res)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2, default=float))
+    print(f"wrote {out}  (total {res['total_time_s']:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The pipeline as a Prefect flow: each stage a task with retries, chained in data order.
+
+    data -> validate -> train -> embed -> index -> evaluate -> register
+
+The tasks call the same `slq.pipeline.run_stage` as dvc.yaml and the CLI. A failed training
+task retries and resumes from its last periodic checkpoint; a failed validation never retries
+(the data will not fix itself). The flow publishes the metrics as a table artifact.
+
+Schedule it:   slq flow serve --cron "0 3 * * *"      (UI: `prefect server start`, 127.0.0.1:4200)
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from slq.pipeline import STAGES, run_stage
+
+RETRIES = {"validate": 0, "train": 1, "embed": 1, "index": 2, "evaluate": 1, "register": 2}
+
+
+def _retryable(task_, task_run, state) -> bool:
+    """Retry unless the failure is bad data or bad config (which a retry cannot fix)."""
+    from slq.config import ConfigError
+    from slq.stages.validate import ValidationFailed
+
+    try:
+        state.result()
+    except (ValidationFailed, ConfigError):
+        return False
+    except Exception:
+        return True
+    return False
+
+
+def _stage_task(name: str):
+    @task(name=name, retries=RETRIES[name], retry_delay_seconds=2, retry_condition_fn=_retryable)
+    def stage_task(cfg):
+        get_run_logger().info("stage %s", name)
+        return run_stage(name, cfg)
+
+    return stage_task
+
+
+STAGE_TASKS = {name: _stage_task(name) for name in STAGES}
+
+
+@flow(name="slq-pipeline", log_prints=True)
+def slq_pipeline(params: str = "params.yaml", overrides: dict | None = None) -> dict:
+    """Run every stage in order; returns {stage: summary}."""
+    from slq.config import load_config
+
+    cfg = load_config(params, overrides)
+    results = {}
+    for name in STAGES:
+        results[name] = STAGE_TASKS[name](cfg)
+    publish(results)
+    return results
+
+
+def publish(results: dict) -> None:
+    """Metrics as a Prefect table artifact (needs a key to show in the UI) and a short summary."""
+    ev = results.get("evaluate", {})
+    rows = [{"metric": k, "value": round(float(v), 4)} for k, v in ev.items() if isinstance(v, (int, float))]
+    create_table_artifact(key="slq-metrics", table=rows, description="Retrieval metrics of this run")
+    reg = results.get("register", {})
+    if reg:
+        create_markdown_artifact(
+            key="slq-registration",
+            markdown=f"**{reg.get('model_name')} v{reg.get('version')}**: "
+                     f"{'promoted to @' + str(reg.get('alias')) if reg.get('promoted') else 'not promoted'}"
+                     f" — {reg.get('reason')}",
+        )
+
+
+def serve_deployment(name: str = "slq-nightly", cron: str = "0 3 * * *", params: str = "params.yaml"):
+    """Register a scheduled deployment and serve it until interrupted (it shows in the Prefect UI)."""
+    slq_pipeline.serve(name=name, cron=cron, parameters={"params": params})
+
+
+if __name__ == "__main__":
+    slq_pipeline()

@@ -1,0 +1,293 @@
+"""Register stage: one MLflow run per pipeline execution, a new model version, gated promotion.
+
+The run records the whole config (flattened params), the evaluation metrics, lineage tags (git
+commit, checkpoint/data hashes, LanceDB table versions), report files, and the servable pyfunc
+model (`slq.serve`). The new version becomes `cfg.register.alias` ("champion") only when there is
+no champion yet or it beats the champion on `cfg.register.gate_metric`; the decision and its
+reason go to the run's tags and to `cfg.register.out`. Aliases replace the deprecated stages.
+
+MLflow is imported inside the functions (~1.3 s), so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from slq.checkpoint import checkpoint_hash, read_manifest
+from slq.config import Config
+from slq.io import write_json_atomic
+
+ENV_DEFAULTS = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK": "true"}
+
+
+# ---- setup ---------------------------------------------------------------------------------
+def tracking_uri(cfg: Config) -> str:
+    """cfg.register.tracking_uri with a relative sqlite path taken from the project root."""
+    uri = cfg.register.tracking_uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + str(cfg.path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def artifact_location(cfg: Config) -> str:
+    """Where new experiments store artifacts: the configured URI, or ./mlartifacts as a file URI."""
+    loc = cfg.register.artifact_location
+    if loc and "://" in loc:
+        return loc
+    return cfg.path(loc or "mlartifacts").resolve().as_uri()
+
+
+def _client(cfg: Config):
+    """Point MLflow at the configured store and experiment (created on first use); the client."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    for k, v in ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(uri, uri)
+    exp = client.get_experiment_by_name(cfg.register.experiment)
+    if exp is None:
+        exp_id = client.create_experiment(cfg.register.experiment, artifact_location=artifact_location(cfg))
+    else:
+        exp_id = exp.experiment_id
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp_id)
+    mlflow.set_experiment(experiment_id=exp_id)
+    return client
+
+
+# ---- helpers -------------------------------------------------------------------------------
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"train.lr": "0.005", ...}; lists as JSON, so params stay comparable."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+    return out
+
+
+def metric_key(name: str) -> str:
+    """An MLflow-legal metric name: "t2i_R@1" -> "t2i_R_at_1" (MLflow rejects "@")."""
+    return re.sub(r"[^\w\-. :/]", "_", name.replace("@", "_at_"))
+
+
+def git_commit(root: str | Path) -> str:
+    """HEAD of the project's git repository, or "unknown" (no git, not a repo, no commit)."""
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else "unknown"
+
+
+def _number(v) -> float | None:
+    """A finite float, or None for missing/NaN/non-numeric values."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def _backbone_dir(cfg: Config, manifest: dict) -> Path:
+    """The checkpoint's backbone folder: the manifest's path (as is, then from the root), else the config's."""
+    recorded = manifest.get("backbone", {}).get("path")
+    for cand in ([Path(recorded), cfg.path(recorded)] if recorded else []) + [cfg.path(cfg.backbone.path)]:
+        if cand.is_dir():
+            return cand.resolve()
+    raise FileNotFoundError(f"backbone folder not found: checkpoint records {recorded!r}, "
+                            f"config has {cfg.backbone.path!r} (root {cfg.root})")
+
+
+def _champion(client, cfg: Config):
+    """The version holding the alias, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(cfg.register.model_name, cfg.register.alias)
+    except MlflowException:
+        return None
+
+
+def _version_metric(client, cfg: Config, mv) -> float | None:
+    return _number(client.get_run(mv.run_id).data.metrics.get(metric_key(cfg.register.gate_metric)))
+
+
+def _gate(client, cfg: Config, version: int, metric: float | None, force: bool = False) -> dict:
+    """Decide whether `version` (scoring `metric`) takes the alias; set it if so. The decision dict."""
+    rc = cfg.register
+    champ = _champion(client, cfg)
+    prev_v = int(champ.version) if champ else None
+    prev_m = _version_metric(client, cfg, champ) if champ else None
+    gm = rc.gate_metric
+    if prev_v == version:
+        promoted, reason = False, f"version {version} already holds @{rc.alias}"
+    elif force:
+        promoted, reason = True, f"forced promotion (gate skipped; {gm}={metric}, champion had {prev_m})"
+    elif metric is None:
+        promoted, reason = False, f"version {version} has no finite {gm} metric; cannot pass the gate"
+    elif champ is None:
+        promoted, reason = True, f"no @{rc.alias} yet; version {version} ({gm}={metric:.6g}) becomes it"
+    elif prev_m is None:
+        promoted, reason = True, f"@{rc.alias} (version {prev_v}) has no {gm}; version {version} replaces it"
+    elif metric > prev_m:
+        promoted, reason = True, f"{gm} {metric:.6g} > {prev_m:.6g} of @{rc.alias} (version {prev_v})"
+    else:
+        promoted, reason = False, f"{gm} {metric:.6g} <= {prev_m:.6g} of @{rc.alias} (version {prev_v}); kept"
+    if promoted:
+        client.set_registered_model_alias(rc.model_name, rc.alias, str(version))
+    return {
+        "promoted": promoted,
+        "reason": reason,
+        "version": version,
+        "gate_metric": gm,
+        "metric": metric,
+        "previous_champion_version": prev_v,
+        "previous_champion_metric": prev_m,
+        "champion_version": version if promoted else prev_v,
+    }
+
+
+def _decision_tags(decision: dict) -> dict[str, str]:
+    keys = ("promoted", "reason", "version", "previous_champion_version", "previous_champion_metric")
+    return {f"promotion.{k}": str(decision[k]) for k in keys}
+
+
+# ---- the stage -----------------------------------------------------------------------------
+def run(
+    cfg: Config,
+    *,
+    metrics: dict,
+    params: dict | None = None,
+    artifacts: dict[str, Path] | None = None,
+    tags: dict | None = None,
+    checkpoint_dir: Path | None = None,
+) -> dict:
+    """Log this pipeline execution as one MLflow run, register the model, gate the promotion.
+
+    `metrics`: evaluation results (numbers become metrics named by `metric_key`, anything else
+    a `metric.<name>` tag); `params`: extra params on top of the flattened config; `artifacts`:
+    name -> file or folder (logged under that name); `tags`: lineage such as the data hash and
+    LanceDB table versions; `checkpoint_dir`: the query checkpoint (default cfg.train.out).
+    Returns (and writes to cfg.register.out) the run, version and promotion decision.
+    """
+    import mlflow
+
+    from slq import serve
+
+    rc = cfg.register
+    ckpt = Path(checkpoint_dir or cfg.path(cfg.train.out)).resolve()
+    manifest = read_manifest(ckpt)
+    backbone = _backbone_dir(cfg, manifest)
+    missing = [f"{k}: {p}" for k, p in (artifacts or {}).items() if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"artifacts to log are missing: {', '.join(missing)}")
+    client = _client(cfg)
+
+    nums = {metric_key(k): n for k, v in metrics.items() if (n := _number(v)) is not None}
+    run_tags = {
+        "git_commit": git_commit(cfg.root),
+        "checkpoint_hash": checkpoint_hash(ckpt),
+        "backbone": str(backbone),
+        **{f"metric.{k}": str(v) for k, v in metrics.items() if _number(v) is None},
+        **{k: str(v) for k, v in (tags or {}).items()},
+    }
+    active = mlflow.active_run()  # a caller that opened the pipeline's run keeps it as the one run
+    run_ctx = contextlib.nullcontext(active) if active else mlflow.start_run(
+        run_name=f"register-{run_tags['checkpoint_hash']}")
+    with run_ctx as r:
+        mlflow.log_params({**flatten(cfg.to_dict()), **flatten(params or {})})
+        mlflow.log_metrics(nums)
+        mlflow.set_tags(run_tags)
+        for name, p in (artifacts or {}).items():
+            p = Path(p)
+            (mlflow.log_artifacts if p.is_dir() else mlflow.log_artifact)(str(p), artifact_path=name)
+        info = serve.log_model(ckpt, backbone, int(manifest["hidden_size"]), log_backbone=rc.log_backbone,
+                               registered_model_name=rc.model_name)
+        version = int(info.registered_model_version)
+        decision = _gate(client, cfg, version, nums.get(metric_key(rc.gate_metric)))
+        mlflow.set_tags(_decision_tags(decision))
+        client.set_model_version_tag(rc.model_name, str(version), "checkpoint_hash", run_tags["checkpoint_hash"])
+        run_id = r.info.run_id
+        experiment_id = r.info.experiment_id
+
+    report = {
+        **decision,
+        "run_id": run_id,
+        "experiment_id": experiment_id,
+        "model_name": rc.model_name,
+        "alias": rc.alias,
+        "model_uri": f"models:/{rc.model_name}/{version}",
+        "tracking_uri": tracking_uri(cfg),
+        "checkpoint_hash": run_tags["checkpoint_hash"],
+        "git_commit": run_tags["git_commit"],
+    }
+    write_json_atomic(cfg.path(rc.out), report)
+    return report
+
+
+# ---- CLI helpers ---------------------------------------------------------------------------
+def promote(cfg: Config, version: int, force: bool = False) -> dict:
+    """Manually give `version` the alias: through the same gate as `run`, unless `force`."""
+    rc = cfg.register
+    client = _client(cfg)
+    mv = client.get_model_version(rc.model_name, str(version))
+    decision = _gate(client, cfg, int(version), _version_metric(client, cfg, mv), force=force)
+    for k, v in _decision_tags(decision).items():
+        client.set_model_version_tag(rc.model_name, str(version), f"manual_{k}", v)
+    return {**decision, "model_name": rc.model_name, "alias": rc.alias, "run_id": mv.run_id}
+
+
+def list_runs(cfg: Config, n: int = 10) -> list[dict]:
+    """The newest `n` runs of the experiment: id, time, status, gate metric, version, promotion."""
+    import datetime as dt
+
+    client = _client(cfg)
+    exp = client.get_experiment_by_name(cfg.register.experiment)
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=n)
+    gm = metric_key(cfg.register.gate_metric)
+    return [
+        {
+            "run_id": r.info.run_id,
+            "run_name": r.info.run_name,
+            "start_time": dt.datetime.fromtimestamp(r.info.start_time / 1000, dt.timezone.utc).isoformat(),
+            "status": r.info.status,
+            gm: r.data.metrics.get(gm),
+            "version": r.data.tags.get("promotion.version"),
+            "promoted": r.data.tags.get("promotion.promoted"),
+            "git_commit": r.data.tags.get("git_commit"),
+        }
+        for r in runs
+    ]
+
+
+def show_run(cfg: Config, run_id: str) -> dict:
+    """Everything about one run: params, metrics, tags (MLflow's own hidden), artifacts, versions."""
+    client = _client(cfg)
+    r = client.get_run(run_id)
+    versions = client.search_model_versions(f"run_id = '{run_id}'")
+    return {
+        "run_id": run_id,
+        "run_name": r.info.run_name,
+        "status": r.info.status,
+        "experiment_id": r.info.experiment_id,
+        "artifact_uri": r.info.artifact_uri,
+        "params": dict(r.data.params),
+        "metrics": dict(r.data.metrics),
+        "tags": {k: v for k, v in r.data.tags.items() if not k.startswith("mlflow.")},
+        "artifacts": [a.path for a in client.list_artifacts(run_id)],
+        "model_versions": [  # search results lack aliases: fetch each version
+            {"name": v.name, "version": int(v.version),
+             "aliases": list(client.get_model_version(v.name, v.version).aliases)} for v in versions],
+    }
