@@ -233,7 +233,9 @@ def runs_list(n: int = typer.Option(10, help="How many runs."), params: Path = P
         rows = list_runs(cfg, n)
     except AttributeError:
         _fail("no MLflow experiment yet: run the pipeline first")
-    _table("runs", rows)
+    cols = ["run_id", "start_time", "status", "version", "promoted"]
+    cols[3:3] = [c for c in (rows[0] if rows else {}) if c not in cols + ["run_name", "git_commit"]]
+    _table("runs", rows, cols)
 
 
 @runs_app.command("show")

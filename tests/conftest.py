@@ -43,3 +43,12 @@ def color_pairs():
                 (d.ellipse if shape == "circle" else d.rectangle)([x, y, x + 16, y + 16], fill=c)
                 pairs.append((im, f"a {c} {shape} on the {pos}"))
     return pairs
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server for the whole session (starting one takes ~10 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

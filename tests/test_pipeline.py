@@ -1,0 +1,171 @@
+"""The pipeline end to end, with the real tools in a temporary project: DVC, the CLI, the
+Prefect flow (test harness), MLflow (sqlite) and LanceDB, on a reduced synthetic world."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = {
+    "data": {"n_train": 48, "n_val": 8, "n_test": 24, "image_size": 64},
+    "train": {"steps": 6, "batch_size": 8, "save_every": 3, "warmup_steps": 2, "num_queries": 4},
+    "embed": {"batch_size": 16},
+}
+
+
+def make_project(dest: Path) -> Path:
+    """A copy of the project's pipeline files with a reduced params.yaml."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("cli.py", "dvc.yaml"):
+        shutil.copy(REPO / name, dest / name)
+    for pkg in ("slq", "flows"):
+        shutil.copytree(REPO / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in SMALL.items():
+        params[section].update(values)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dest
+
+
+def sh(*args, cwd, check=True):
+    env = {**os.environ, "PYTHONPATH": str(cwd)}
+    res = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{args} failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
+    return res
+
+
+def dvc(*args, cwd, check=True):
+    return sh(sys.executable, "-m", "dvc", *args, cwd=cwd, check=check)
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory):
+    """A reduced project after one full `dvc repro`."""
+    proj = make_project(tmp_path_factory.mktemp("proj"))
+    dvc("init", "--no-scm", "-q", cwd=proj)
+    sh(sys.executable, "cli.py", "data", "generate", cwd=proj)
+    first = dvc("repro", cwd=proj)
+    return proj, first.stdout
+
+
+def test_dvc_repro_runs_every_stage(repro):
+    proj, out = repro
+    for stage in ("validate", "train", "embed", "index", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in out
+    assert json.loads((proj / "reports/validate.json").read_text())["success"] is True
+    assert (proj / "checkpoints/slq/queries.safetensors").exists()
+    metrics = json.loads((proj / "metrics/eval.json").read_text())
+    assert {"t2i_R@1", "i2t_R@10", "n_images"} <= set(metrics) and metrics["n_images"] == 24
+    index = json.loads((proj / "artifacts/index.json").read_text())
+    assert index["slq_test_text"]["rows"] == 48
+    reg = json.loads((proj / "reports/register.json").read_text())
+    assert reg["promoted"] is True and reg["version"] == 1
+
+
+def test_dvc_metrics_and_plots_show(repro):
+    proj, _ = repro
+    shown = dvc("metrics", "show", cwd=proj).stdout
+    assert "t2i_R@1" in shown and "final_loss" in shown
+    dvc("plots", "show", "-o", "plots_html", cwd=proj)
+    assert (proj / "plots_html" / "index.html").exists()
+
+
+def test_second_repro_does_nothing_and_param_change_reruns_from_train(repro):
+    proj, _ = repro
+    again = dvc("repro", cwd=proj).stdout
+    assert "Running stage" not in again
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["train"]["lr"] = params["train"]["lr"] / 2
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = dvc("repro", cwd=proj).stdout
+    assert "Running stage 'validate'" not in out
+    for stage in ("train", "embed", "index", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in out
+    reg = json.loads((proj / "reports/register.json").read_text())
+    assert reg["version"] == 2  # a new registered version; promoted only if it beat the champion
+    assert isinstance(reg["promoted"], bool) and reg["reason"]
+
+
+def test_cli_search_metrics_runs(repro):
+    from typer.testing import CliRunner
+
+    import cli
+
+    proj, _ = repro
+    rows = [json.loads(x) for x in (proj / "data/world/manifest.jsonl").read_text().splitlines()]
+    caption = next(r["caption"] for r in rows if r["split"] == "test")
+    runner = CliRunner(env={"COLUMNS": "200"})
+    cwd = os.getcwd()
+    os.chdir(proj)
+    try:
+        res = runner.invoke(cli.app, ["search", caption, "--target", "text", "--k", "3"])
+        assert res.exit_code == 0, res.output
+        first = res.output.split(caption[:20])[0]
+        assert "1.0000" in first or "0.9999" in first  # the caption itself is the top hit
+        res = runner.invoke(cli.app, ["search", "--image", str(proj / "data/world" / rows[-1]["image"])])
+        assert res.exit_code == 0, res.output
+        assert "slq_test_text" in res.output
+        res = runner.invoke(cli.app, ["metrics"])
+        assert res.exit_code == 0 and "t2i_R@1" in res.output
+        res = runner.invoke(cli.app, ["runs", "list"])
+        assert res.exit_code == 0 and "FINISHED" in res.output
+        res = runner.invoke(cli.app, ["search", "--image", "nope.png"])
+        assert res.exit_code == 1 and "not found" in res.output
+        res = runner.invoke(cli.app, ["stage", "nonsense"])
+        assert res.exit_code == 1 and "unknown stage" in res.output
+    finally:
+        os.chdir(cwd)
+
+
+def test_validation_failure_stops_dvc_and_keeps_outputs(repro):
+    proj, _ = repro
+    manifest = proj / "data/world/manifest.jsonl"
+    original = manifest.read_text()
+    keep = {p: (proj / p).read_bytes() for p in ("reports/validate.json", "metrics/eval.json",
+                                                 "checkpoints/slq/queries.safetensors")}
+    rows = [json.loads(x) for x in original.splitlines()]
+    train = next(r for r in rows if r["split"] == "train")
+    leaked = dict(next(r for r in rows if r["split"] == "test"), image=train["image"], image_id=train["image_id"])
+    bad = rows + [dict(rows[0]), leaked]  # a duplicate id and a train image leaked into test
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in bad))
+    try:
+        res = dvc("repro", cwd=proj, check=False)
+        assert res.returncode != 0
+        text = res.stdout + res.stderr
+        assert "validation failed" in text and "unique" in text and "leak" in text
+        for p, content in keep.items():
+            assert (proj / p).read_bytes() == content, f"{p} was touched"
+    finally:
+        manifest.write_text(original)
+
+
+def test_prefect_flow_runs_the_same_stages(tmp_path, prefect_harness):
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import slq_pipeline
+
+    proj = make_project(tmp_path / "flowproj")
+    sh(sys.executable, "cli.py", "data", "generate", cwd=proj)
+    results = slq_pipeline(params=str(proj / "params.yaml"))
+    assert list(results) == ["validate", "train", "embed", "index", "evaluate", "register"]
+    assert (proj / "metrics/eval.json").exists() and results["register"]["version"] == 1
+
+    import asyncio
+
+    async def read_artifact():
+        async with get_client() as client:
+            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["slq-metrics"])))
+
+    arts = asyncio.run(read_artifact())
+    assert arts and "t2i_R@1" in str(arts[0].data)
