@@ -138,6 +138,14 @@ def fit(
         loss.backward()
         sync_gradients(encoder.queries.weight, loss_fn.log_temp)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if not torch.isfinite(grad_norm):
+            # Seen with split_forward=False in bf16 on left-padded batches (SDPA backward through
+            # fully masked pad rows): the loss is finite but every query gradient is NaN.
+            kept = f"the last good checkpoint is kept at {last}" if last is not None else "no checkpoint was written"
+            raise TrainingDiverged(
+                f"non-finite gradient at step {step} (loss {loss.item():.4f}); nothing was updated and {kept}. "
+                "Use train.split_forward: true (exact, and free of this failure) or float32."
+            )
         opt.step()
         sched.step()
         rec = {"step": step + 1, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
@@ -185,8 +193,7 @@ def init_distributed_from_env() -> bool:
     """Join the process group torchrun set up (WORLD_SIZE > 1); no-op in a single process."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
         return is_distributed()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    torch.distributed.init_process_group(backend)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # before the process group, so NCCL binds this rank's GPU
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return True

@@ -15,10 +15,10 @@ for _k, _v in {
 }.items():
     os.environ.setdefault(_k, _v)
 
-import socket  # noqa: E402
+import socket
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 WORLD = 2
 N_PAIRS = 8
@@ -60,7 +60,8 @@ def _grads(enc, pairs, split: bool):
     loss = loss_fn(img, txt)
     loss.backward()
     sync_gradients(q, loss_fn.log_temp)
-    return {"loss": loss.detach(), "queries": q.grad.detach().clone(), "log_temp": loss_fn.log_temp.grad.detach().clone()}
+    return {"loss": loss.detach(), "queries": q.grad.detach().clone(),
+            "log_temp": loss_fn.log_temp.grad.detach().clone()}
 
 
 def _free_port() -> int:
@@ -140,10 +141,11 @@ def test_two_ranks_get_the_full_batch_gradient(backbone_dir, rank_results):
         for r, got in enumerate(ranks):
             g = got[key]
             torch.testing.assert_close(g["loss"], ref["loss"], rtol=1e-5, atol=1e-6, msg=f"{key} rank {r} loss")
-            torch.testing.assert_close(g["queries"], ref["queries"], rtol=1e-4, atol=1e-4 * ref["queries"].abs().max().item(),
-                                       msg=lambda m: f"{key} rank {r} query gradient: {m}")
+            scale = ref["queries"].abs().max().item()
+            torch.testing.assert_close(g["queries"], ref["queries"], rtol=1e-4, atol=1e-4 * scale,
+                                       msg=lambda m, key=key, r=r: f"{key} rank {r} query gradient: {m}")
             torch.testing.assert_close(g["log_temp"], ref["log_temp"], rtol=1e-4, atol=1e-7,
-                                       msg=lambda m: f"{key} rank {r} log_temp gradient: {m}")
+                                       msg=lambda m, key=key, r=r: f"{key} rank {r} log_temp gradient: {m}")
 
 
 @pytest.mark.slow
@@ -158,6 +160,6 @@ def test_fit_on_two_ranks_matches_one_process(backbone_dir, rank_results):
     q = enc.queries.weight.detach()
     assert (q - q0).abs().max() > 1e-3  # the queries moved far more than the tolerance
     for r, got in enumerate(ranks):
-        torch.testing.assert_close(got["queries"], q, rtol=0, atol=1e-5, msg=lambda m: f"rank {r} queries: {m}")
+        torch.testing.assert_close(got["queries"], q, rtol=0, atol=1e-5, msg=lambda m, r=r: f"rank {r} queries: {m}")
         torch.testing.assert_close(got["log_temp"], res.log_temp, rtol=0, atol=1e-6)
         assert got["losses"] == pytest.approx([h["loss"] for h in res.history], abs=1e-5)

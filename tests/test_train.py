@@ -64,6 +64,22 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(enc, color_pairs, tmp_pat
     assert manifest["step"] == 2 and torch.isfinite(q).all()
 
 
+def test_nan_gradient_with_finite_loss_stops_before_the_update(enc, color_pairs, tmp_path):
+    cfg = FitConfig(steps=10, batch_size=8, lr=1e-2, warmup_steps=1, save_every=2)
+    hooks = []
+
+    def poison(rec):
+        if rec["step"] == 2:
+            hooks.append(enc.queries.weight.register_hook(lambda g: g * float("nan")))
+
+    with pytest.raises(TrainingDiverged, match="non-finite gradient at step 2"):
+        fit(enc, color_pairs, cfg, tmp_path, progress=False, on_step=poison)
+    hooks[0].remove()
+    assert torch.isfinite(enc.queries.weight).all()  # the bad step never reached the optimiser
+    q, _, manifest = load_checkpoint(tmp_path / "last" / "queries")
+    assert manifest["step"] == 2 and torch.equal(q, enc.queries.weight.detach())
+
+
 def test_too_little_data_is_a_clear_error(enc, color_pairs):
     with pytest.raises(ValueError, match="fewer than one global batch"):
         fit(enc, color_pairs[:3], FitConfig(steps=1, batch_size=8), progress=False)

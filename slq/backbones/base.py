@@ -83,6 +83,10 @@ def _image_only_processor(cls):
     """
 
     class ImageOnly(cls):
+        # transformers >= 5.2x derives the parts from get_attributes(); earlier 5.x reads `attributes`.
+        attributes = [a for a in getattr(cls, "attributes", ["image_processor", "tokenizer", "video_processor"])
+                      if a != "video_processor"]
+
         @classmethod
         def get_attributes(klass):
             return [a for a in cls.get_attributes() if a != "video_processor"]

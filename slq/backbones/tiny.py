@@ -139,12 +139,11 @@ def _qwen3_image_processor():
 
 
 def _processor(cls):
-    """The family's processor; image-only where its video processor (torchvision) is unavailable."""
-    from transformers.utils import is_torchvision_available
-
+    """The family's processor without its video processor: the tiny models never see video, and
+    saving none keeps the folder loadable with or without torchvision (see load_processor)."""
     from slq.backbones.base import _image_only_processor
 
-    return cls if is_torchvision_available() else _image_only_processor(cls)
+    return _image_only_processor(cls)
 
 
 def _llava(corpus, vocab_size: int, hidden: int, layers: int):
