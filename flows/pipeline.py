@@ -73,9 +73,17 @@ def publish(results: dict) -> None:
         )
 
 
+def deployment(name: str = "slq-nightly", cron: str = "0 3 * * *", params: str = "params.yaml"):
+    """The scheduled deployment of the flow (a cron schedule; parameters = the params file)."""
+    return slq_pipeline.to_deployment(name=name, cron=cron, parameters={"params": params},
+                                      description="SLQ pipeline: validate, train, embed, index, evaluate, register")
+
+
 def serve_deployment(name: str = "slq-nightly", cron: str = "0 3 * * *", params: str = "params.yaml"):
-    """Register a scheduled deployment and serve it until interrupted (it shows in the Prefect UI)."""
-    slq_pipeline.serve(name=name, cron=cron, parameters={"params": params})
+    """Register the deployment and serve it until interrupted (it shows in the Prefect UI)."""
+    from prefect import serve
+
+    serve(deployment(name, cron, params))
 
 
 if __name__ == "__main__":

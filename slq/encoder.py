@@ -125,6 +125,19 @@ class SLQEncoder(nn.Module):
         }
         return save_checkpoint(out_dir, self.queries.weight, log_temp, {**base, **manifest})
 
+    @contextlib.contextmanager
+    def using_prompts(self, prompts: Prompts | dict | None):
+        """Temporarily encode with other prompts (e.g. a benchmark's own instruction)."""
+        if prompts is None:
+            yield self
+            return
+        saved = self.prompts
+        self.prompts = Prompts(**prompts) if isinstance(prompts, dict) else prompts
+        try:
+            yield self
+        finally:
+            self.prompts = saved
+
     # ---- forward -------------------------------------------------------------------------
     def embed_inputs(self, inputs: dict, split: bool = False) -> torch.Tensor:
         """Model inputs -> L2-normalised fp32 embeddings (B, D), differentiable in the queries."""

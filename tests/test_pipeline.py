@@ -169,3 +169,34 @@ def test_prefect_flow_runs_the_same_stages(tmp_path, prefect_harness):
 
     arts = asyncio.run(read_artifact())
     assert arts and "t2i_R@1" in str(arts[0].data)
+
+
+def test_scheduled_deployment_registers_with_its_cron(prefect_harness):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import deployment
+
+    dep_id = deployment(name="slq-test", cron="0 3 * * *", params="params.yaml").apply()
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_deployment(dep_id)
+
+    dep = asyncio.run(read())
+    assert dep.name == "slq-test" and dep.parameters == {"params": "params.yaml"}
+    assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]
+
+
+def test_regenerated_world_matches_data_dvc(tmp_path):
+    """`slq data generate` rebuilds exactly the bytes data.dvc pins, so the pin stays clean."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    shutil.copy(REPO / "cli.py", tmp_path / "cli.py")
+    shutil.copytree(REPO / "slq", tmp_path / "slq", ignore=shutil.ignore_patterns("__pycache__"))
+    dvc("init", "--no-scm", "-q", cwd=tmp_path)
+    sh(sys.executable, "cli.py", "data", "generate", cwd=tmp_path)
+    dvc("add", "data/world", cwd=tmp_path)  # hashes the regenerated folder
+    pinned = yaml.safe_load((REPO / "data.dvc").read_text())["outs"][0]
+    fresh = yaml.safe_load((tmp_path / "data/world.dvc").read_text())["outs"][0]
+    assert (fresh["md5"], fresh["nfiles"], fresh["size"]) == (pinned["md5"], pinned["nfiles"], pinned["size"])
