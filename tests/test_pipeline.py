@@ -69,6 +69,24 @@ def test_dvc_repro_runs_every_stage(repro):
     assert index["slq_test_text"]["rows"] == 48
     reg = json.loads((proj / "reports/register.json").read_text())
     assert reg["promoted"] is True and reg["version"] == 1
+    assert set(metrics["benchmarks"]) == {"world", "world_i2i"}
+    assert metrics["benchmarks"]["world"]["t2i_R@1"] == metrics["t2i_R@1"]  # two paths, one number
+    assert metrics["modality_gap"]["trained"] > 0
+    report = (proj / "reports/benchmarks/benchmarks.md").read_text()
+    assert "| world_i2i | t2i_R@1 |" in report and "Checkpoint hash" in report
+    assert (proj / "reports/benchmarks/pca_trained.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rescoring_with_other_ks_does_not_re_embed(repro):
+    proj, _ = repro
+    cache = proj / "artifacts/embed_cache"
+    before = sorted(p.name for p in cache.glob("*.npy"))
+    assert before
+    sh(sys.executable, "cli.py", "stage", "evaluate", "--set", "evaluate.ks=[1,2,3]",
+       "--set", "evaluate.modality_gap=false", "--set", "evaluate.metrics=metrics/eval_k123.json",
+       "--set", "evaluate.plots=metrics/k123.csv", "--set", "evaluate.report_dir=reports/k123", cwd=proj)
+    assert sorted(p.name for p in cache.glob("*.npy")) == before
+    assert "t2i_R@2" in json.loads((proj / "metrics/eval_k123.json").read_text())["benchmarks"]["world"]
 
 
 def test_dvc_metrics_and_plots_show(repro):

@@ -27,10 +27,12 @@ over the datasets that ran (the VLM2Vec convention; overall is not the mean of m
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import defaultdict
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -92,6 +94,7 @@ IMAGES = "images"
 _IMAGE_TOKEN = re.compile(r"<\|image_\d+\|>\s*")
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _clean(text) -> str:
     return _IMAGE_TOKEN.sub("", text or "").strip()
 
@@ -101,30 +104,33 @@ def _escape(s: str) -> str:
     return s.replace("{", "{{").replace("}", "}}")
 
 
-def _side(inst: str, text: str, img: str | None, base: dict) -> tuple[str, str, object]:
-    """(kind, prompt as JSON, corpus item) for one query or candidate; the instruction joins the prompt."""
+def _side(inst: str, text: str, img: str | None) -> tuple[str, str, object]:
+    """(kind, instruction, corpus item) for one query or candidate."""
     if img is None and not text:  # instruction alone: it is the text
-        text, inst = inst, ""
+        return "text", "", inst
     if img is None:
-        kind, item, field = "text", text, "text"
-    elif text:
-        kind, item, field = "multimodal", (img, text), "multimodal"
-    else:
-        kind, item, field = "image", img, "image"
+        return "text", inst, text
+    return ("multimodal", inst, (img, text)) if text else ("image", inst, img)
+
+
+def _prompt(kind: str, inst: str, base: dict) -> dict:
+    """The role's base Prompts fields with the instruction put in front of the text (or as the image one)."""
     prompt = dict(base)
-    if field == "image":
+    if inst and kind == "image":
         prompt["image"] = " ".join(s for s in (inst, base.get("image", "")) if s)
     elif inst:
-        prompt[field] = base.get(field, "{text}").replace("{text}", _escape(inst) + " {text}", 1)
-    return kind, json.dumps(prompt, sort_keys=True), item
+        prompt[kind] = base.get(kind, "{text}").replace("{text}", _escape(inst) + " {text}", 1)
+    return prompt
 
 
 @register_benchmark("mmeb")
 class MMEB(Benchmark):
     """MMEB v1. Options: `datasets` (names to run; default all 36). See the module docstring."""
 
-    paper = {"classification": 60.9}
-    prompts = {"query": {}, "candidate": {}}  # base Prompts fields per role; instructions are added per item
+    paper: ClassVar[dict[str, float]] = {"classification": 60.9}
+    # Base Prompts fields per role (unset fields fall back to the encoder's); a record's instruction
+    # is put in front of `{text}` (default template "{text}") or becomes the image instruction.
+    prompts: ClassVar[dict[str, dict]] = {"query": {}, "candidate": {}}
 
     def evaluate(self, embedder: Embedder, ks=(1, 5, 10)) -> Result:
         names, missing = self._select()
@@ -159,6 +165,7 @@ class MMEB(Benchmark):
     def _select(self) -> tuple[list[str], list[str]]:
         """Datasets to run (table order) and the missing ones; MissingData unless partial."""
         wanted = self.options.get("datasets") or list(DATASETS)
+        wanted = [wanted] if isinstance(wanted, str) else list(wanted)
         unknown = [d for d in wanted if d not in DATASETS]
         if unknown:
             raise ValueError(f"mmeb: unknown dataset(s) {unknown}; MMEB v1 has: {', '.join(DATASETS)}")
@@ -180,13 +187,16 @@ class MMEB(Benchmark):
         img_root = self.root / IMAGES
         out, problems, absent = [], [], []
 
+        checked: dict[str, str] = {}
+
         def img(rel):
             if not rel:
                 return None
-            p = img_root / rel
-            if not p.is_file():
-                absent.append(str(rel))
-            return str(p)
+            if rel not in checked:
+                checked[rel] = str(img_root / rel)
+                if not (img_root / rel).is_file():
+                    absent.append(str(rel))
+            return checked[rel]
 
         for ln, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
@@ -223,28 +233,58 @@ class MMEB(Benchmark):
     # ---- embedding and scoring -----------------------------------------------------------
     def _rank(self, queries: list[tuple], embedder: Embedder, data_hash: str) -> tuple[np.ndarray, int]:
         """Rank of each query's positive among its candidates (0 = hit), and how many won on a tie."""
-        groups: dict[tuple, dict] = defaultdict(dict)  # (kind, prompt) -> item -> row
-        refs = []  # per query: [(group, row) for the query, then each candidate]
-        for q, cands in queries:
-            row = []
-            for role, side in [("query", q)] + [("candidate", c) for c in cands]:
-                kind, prompt, item = _side(*side, self.prompts.get(role, {}))
-                rows = groups[(kind, prompt)]
-                row.append(((kind, prompt), rows.setdefault(item, len(rows))))
-            refs.append(row)
-        emb = {}
+        groups: dict[tuple, dict] = defaultdict(dict)  # (kind, prompt JSON) -> item -> row in its group
+        seen: dict[tuple, tuple] = {}  # (role, side) -> (group, row): most sides repeat across queries
+
+        @functools.cache
+        def group(role, kind, inst):
+            return kind, json.dumps(_prompt(kind, inst, self.prompts.get(role, {})), sort_keys=True)
+
+        def ref(role, side):
+            if (role, side) not in seen:
+                kind, inst, item = _side(*side)
+                rows = groups[g := group(role, kind, inst)]
+                seen[(role, side)] = (g, rows.setdefault(item, len(rows)))
+            return seen[(role, side)]
+
+        refs = [[ref("query", q)] + [ref("candidate", c) for c in cands] for q, cands in queries]
+        mats, offset = [], {}
         for (kind, prompt), rows in groups.items():
             e = np.asarray(embedder.embed(Corpus(kind, list(rows), json.loads(prompt), data_hash)), np.float32)
-            if e.shape[0] != len(rows) or not np.isfinite(e).all():
-                raise ValueError(f"embedder returned {e.shape} (non-finite values?) for {len(rows)} {kind} items")
-            emb[(kind, prompt)] = e  # (N_items, D)
-        ranks, ties = np.empty(len(refs), dtype=np.int64), 0
-        for i, row in enumerate(refs):
-            vecs = np.stack([emb[g][r] for g, r in row])  # (1 + C, D)
-            s = vecs[1:] @ vecs[0]  # (C,) candidate scores; index 0 = positive
-            ranks[i] = int((s[1:] > s[0]).sum())  # the positive is first, so it wins every tie
-            ties += int(ranks[i] == 0 and (s[1:] == s[0]).any())
-        return ranks, ties
+            if e.ndim != 2 or e.shape[0] != len(rows) or not np.isfinite(e).all():
+                raise ValueError(f"embedder returned {e.shape} (or non-finite values) for {len(rows)} {kind} items")
+            offset[(kind, prompt)] = sum(len(m) for m in mats)
+            mats.append(e)
+        emb = np.concatenate(mats)  # (N_unique, D)
+        idx = [np.array([offset[g] + r for g, r in row]) for row in refs]  # (1 + C,) query, then candidates
+        return _positive_ranks(emb, idx)
+
+
+def _positive_ranks(emb: np.ndarray, idx: list[np.ndarray], chunk: int = 256) -> tuple[np.ndarray, int]:
+    """Per query, how many candidates score strictly above the positive (candidate 0), and how many
+    queries the positive won on an exact tie.
+
+    A block of queries sharing their candidates (classification labels, VQA answers) is scored as
+    one (B, U) matrix over its distinct candidates; otherwise each query against its own distinct
+    candidates. Either way a repeated candidate is scored once, so duplicates tie exactly.
+    """
+    ranks, ties = np.empty(len(idx), dtype=np.int64), 0
+    for lo in range(0, len(idx), chunk):
+        block = idx[lo:lo + chunk]
+        uniq, inv = np.unique(np.concatenate([r[1:] for r in block]), return_inverse=True)
+        cuts = np.cumsum([len(r) - 1 for r in block])[:-1]
+        if len(uniq) * len(block) <= 4 * len(inv):  # shared candidates
+            S = emb[[r[0] for r in block]] @ emb[uniq].T  # (B, U)
+            scores = [S[j, i] for j, i in enumerate(np.split(inv, cuts))]
+        else:
+            scores = []
+            for r in block:
+                u, i = np.unique(r[1:], return_inverse=True)
+                scores.append((emb[u] @ emb[r[0]])[i])  # (C,)
+        for j, s in enumerate(scores):
+            ranks[lo + j] = int((s[1:] > s[0]).sum())  # the positive is listed first: it wins every tie
+            ties += int(ranks[lo + j] == 0 and bool((s[1:] == s[0]).any()))
+    return ranks, ties
 
 
 def _groups(names: list[str]) -> dict[str, list[str]]:

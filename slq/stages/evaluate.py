@@ -34,6 +34,12 @@ def run(cfg: Config) -> dict:
         "n_texts": len(txt_rows),
         "checkpoint_hash": str(meta["checkpoint_hash"]),
     }
+    if ev.benchmarks or ev.modality_gap:
+        bench, gap = run_benchmarks(cfg)
+        if bench:
+            metrics["benchmarks"] = bench
+        if gap:
+            metrics["modality_gap"] = {"trained": gap["trained_gap_l2"], "untrained": gap["untrained_gap_l2"]}
     write_json_atomic(cfg.path(ev.metrics), metrics)
     curves = {d: recall_curve(ranks[d], max_k) for d in ("t2i", "i2t")}
     lines = ["k,t2i,i2t"] + [
@@ -50,3 +56,75 @@ def _txt_to_img(img_rows: list[dict], txt_rows: list[dict]) -> np.ndarray:
     if missing:
         raise ValueError(f"{len(missing)} caption image_id(s) have no image embedding, e.g. {missing[:5]}")
     return np.array([index[str(r["image_id"])] for r in txt_rows], dtype=np.int64)
+
+
+PATH_OPTIONS = ("root", "image_root", "submission_dir", "render_dir", "images_dir")
+
+
+def run_benchmarks(cfg: Config, encoder=None) -> dict:
+    """Run every benchmark in `evaluate.benchmarks` with the trained checkpoint; write the report.
+
+    Embeddings go through a cache keyed by (checkpoint hash, data hash, prompt, items), so a
+    second evaluation (another k, a re-run) does not embed again.
+    """
+    from slq.benchmarks import get_benchmark
+    from slq.benchmarks.cache import CachedEmbedder
+    from slq.benchmarks.report import modality_gap, pca_scatter_png, write_report
+    from slq.checkpoint import checkpoint_hash
+    from slq.stages.train import load_encoder
+
+    ev = cfg.evaluate
+    ckpt = cfg.path(cfg.train.out)
+    ckpt_hash = checkpoint_hash(ckpt)
+    encoder = encoder or load_encoder(cfg, queries=ckpt)
+    embedder = CachedEmbedder(encoder, cfg.path(ev.cache_dir), ckpt_hash, batch_size=cfg.embed.batch_size)
+    results = {}
+    for entry in ev.benchmarks:
+        entry = dict(entry)
+        name = entry.pop("name")
+        label = entry.pop("label", name)
+        if label in results:
+            raise ValueError(f"evaluate.benchmarks: {label!r} appears twice; give one a `label`")
+        for key in PATH_OPTIONS:
+            if entry.get(key) is not None:
+                entry[key] = str(cfg.path(entry[key]))
+        if name.startswith("world") and "root" not in entry:
+            entry["root"] = str(cfg.path(cfg.data.root))
+        results[label] = get_benchmark(name)(**entry).evaluate(embedder, ks=tuple(ev.ks))
+    out = cfg.path(ev.report_dir)
+    gap = _modality_gap(cfg, out, modality_gap, pca_scatter_png) if ev.modality_gap else None
+    meta = {"backbone": encoder.backbone.source, "revision": encoder.backbone.revision,
+            "model_type": encoder.backbone.model_type, "num_queries": encoder.queries.num_queries,
+            "checkpoint_hash": ckpt_hash, "prompts": encoder.prompts.to_dict(),
+            "image_resolution": _pixel_budget(encoder), "caption_truncation": "none unless a benchmark sets it"}
+    write_report(out, results, meta, gap=gap)
+    return {label: r.metrics for label, r in results.items()}, gap
+
+
+def _pixel_budget(encoder) -> str:
+    """The processor's image size limits, as the processor states them."""
+    size = getattr(getattr(encoder.backbone.processor, "image_processor", None), "size", None)
+    fields = {k: getattr(size, k, None) for k in ("shortest_edge", "longest_edge", "height", "width")}
+    return ", ".join(f"{k}={v}" for k, v in fields.items() if v is not None) or str(size)
+
+
+def _modality_gap(cfg: Config, out, modality_gap, pca_scatter_png) -> dict:
+    """Gap between image and text embeddings of the eval split: trained queries vs the same
+    backbone with untrained queries (the init the training started from)."""
+    from slq.stages.train import load_encoder, split_rows
+
+    emb_dir = cfg.path(cfg.embed.out)
+    img, _ = load_embeddings(emb_dir, cfg.evaluate.split, "image")
+    txt, _ = load_embeddings(emb_dir, cfg.evaluate.split, "text")
+    gap = {"trained": modality_gap(img, txt)}
+    pca_scatter_png(img, txt, out / "pca_trained.png", "trained queries")
+    base = load_encoder(cfg)  # fresh queries from train.init / train.seed
+    root = cfg.path(cfg.data.root)
+    rows = split_rows(cfg, cfg.evaluate.split)
+    images = list(dict.fromkeys(r["image"] for r in rows))
+    b_img = base.encode_image([root / p for p in images], batch_size=cfg.embed.batch_size)
+    b_txt = base.encode_text([r["caption"] for r in rows], batch_size=cfg.embed.batch_size)
+    gap["untrained"] = modality_gap(b_img, b_txt)
+    pca_scatter_png(b_img, b_txt, out / "pca_untrained.png", "untrained queries")
+    flat = {f"{role}_{k}": v for role, g in gap.items() for k, v in g.items()}
+    return {**flat, "plot": str(out / "pca_trained.png"), "plot_untrained": "pca_untrained.png"}
