@@ -127,6 +127,40 @@ def stage(name: str = typer.Argument(..., help="validate | train | embed | index
     _console().print_json(json.dumps(res, default=str))
 
 
+@app.command()
+def evaluate(benchmark: Optional[list[str]] = typer.Option(
+                 None, "--benchmark", "-b", help="NAME or NAME=ROOT (repeatable); default: evaluate.benchmarks"),
+             checkpoint: Optional[Path] = typer.Option(None, help="A query checkpoint folder (default: train.out); "
+                                                       "its manifest names the backbone."),
+             partial: bool = typer.Option(False, help="Run on the present part of a partial dataset (flagged)."),
+             params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt):
+    """Evaluate a checkpoint on registered benchmarks; writes the report to evaluate.report_dir.
+
+    slq evaluate --checkpoint ckpt/ -b coco=/data/coco -b cirr=/data/cirr
+    """
+    cfg = _config(params, set_)
+    from slq.benchmarks import DataError, MissingData
+    from slq.encoder import SLQEncoder
+    from slq.stages.evaluate import run_benchmarks
+
+    ckpt = Path(checkpoint) if checkpoint else cfg.path(cfg.train.out)
+    if benchmark:
+        cfg.evaluate.benchmarks = [
+            {"name": b.split("=", 1)[0], **({"root": b.split("=", 1)[1]} if "=" in b else {}), "partial": partial}
+            for b in benchmark]
+    if not cfg.evaluate.benchmarks:
+        _fail("no benchmark given: use -b NAME=ROOT or list them under evaluate.benchmarks in params.yaml")
+    cfg.train.out = str(ckpt)
+    try:
+        enc = SLQEncoder.from_pretrained(queries=ckpt, dtype=cfg.backbone.dtype, device=cfg.backbone.device)
+        metrics, _ = run_benchmarks(cfg, encoder=enc, with_gap=False)
+    except (MissingData, DataError, ValueError) as e:
+        _fail(str(e))
+    for name, m in metrics.items():
+        _show_metrics(m, name)
+    _console().print(f"report: {cfg.path(cfg.evaluate.report_dir) / 'benchmarks.md'}")
+
+
 @data_app.command("generate")
 def data_generate(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
                   force: bool = typer.Option(False, help="Regenerate even if the folder exists.")):

@@ -29,7 +29,7 @@ def world(tmp_path_factory):
 def test_same_seed_is_byte_identical(world, tmp_path):
     again = generate_world(DataConfig(seed=0, **SMALL), tmp_path / "world")
     assert tree_hashes(again) == tree_hashes(world)
-    assert len(tree_hashes(world)) == 30 + 2  # images + manifest + world.json
+    assert len(tree_hashes(world)) == 30 + 3  # images + manifest + scenes + world.json
 
 
 def test_other_seed_differs(world, tmp_path):

@@ -218,3 +218,28 @@ def test_regenerated_world_matches_data_dvc(tmp_path):
     pinned = yaml.safe_load((REPO / "data.dvc").read_text())["outs"][0]
     fresh = yaml.safe_load((tmp_path / "data/world.dvc").read_text())["outs"][0]
     assert (fresh["md5"], fresh["nfiles"], fresh["size"]) == (pinned["md5"], pinned["nfiles"], pinned["size"])
+
+
+def test_cli_evaluates_a_checkpoint_on_a_real_format(repro, tmp_path):
+    """`slq evaluate -b coco=ROOT` on a tiny copy of the Karpathy COCO layout, paper value beside ours."""
+    from test_bench_image_text import karpathy_coco
+    from typer.testing import CliRunner
+
+    import cli
+
+    proj, _ = repro
+    coco = karpathy_coco(tmp_path / "coco")
+    runner = CliRunner(env={"COLUMNS": "200"})
+    cwd = os.getcwd()
+    os.chdir(proj)
+    try:
+        res = runner.invoke(cli.app, ["evaluate", "--checkpoint", "checkpoints/slq", "-b", f"coco={coco}",
+                                      "--set", "evaluate.report_dir=reports/coco_eval"])
+        assert res.exit_code == 0, res.output
+        report = (proj / "reports/coco_eval/benchmarks.md").read_text()
+        assert "| coco | t2i_R@1 |" in report and "55.4" in report  # the paper's COCO t2i R@1
+        res = runner.invoke(cli.app, ["evaluate", "-b", f"flickr30k={tmp_path / 'nowhere'}",
+                                      "--set", "evaluate.report_dir=reports/coco_eval"])
+        assert res.exit_code == 1 and "dataset_flickr30k.json" in res.output
+    finally:
+        os.chdir(cwd)

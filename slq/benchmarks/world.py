@@ -11,7 +11,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from slq.benchmarks.base import DataError, MissingData, register_benchmark, require
+import numpy as np
+
+from slq.benchmarks.base import (
+    Benchmark,
+    Corpus,
+    DataError,
+    MissingData,
+    Result,
+    files_hash,
+    register_benchmark,
+    require,
+)
 from slq.benchmarks.image_text import (
     Entry,
     ImageTextBenchmark,
@@ -19,7 +30,13 @@ from slq.benchmarks.image_text import (
     Problems,
     assemble,
 )
-from slq.data.world import load_manifest
+from slq.data.world import (
+    COLOURS,
+    knowledge_caption,
+    load_manifest,
+    load_scenes,
+    render_scene,
+)
 
 
 @register_benchmark("world")
@@ -73,3 +90,100 @@ class WorldI2I(World):
     """The world with captions drawn as images; t2i = rendered caption -> image."""
 
     render_captions = True
+
+
+def _test_images(root: Path, split: str, manifest: str = "manifest.jsonl") -> list[tuple[str, str]]:
+    """(image_id, relative path) of the split's distinct images, in manifest order."""
+    rows = [r for r in load_manifest(root, manifest) if r.get("split") == split]
+    if not rows:
+        raise MissingData(f"world ({root / manifest}): no rows in split {split!r}")
+    return list(dict.fromkeys((r["image_id"], r["image"]) for r in rows))
+
+
+def _scenes(root: Path) -> dict:
+    try:
+        return load_scenes(root)
+    except FileNotFoundError as e:
+        raise MissingData(str(e)) from None
+
+
+@register_benchmark("world_knowledge")
+class WorldKnowledge(World):
+    """Knowledge-aware retrieval on the world (in the spirit of KARR-Bench): each image gets one
+    caption that names no shape, colour or count, only facts about them ("the shape with three
+    sides in the colour of a clear sky", "(1+1) shapes"). Literal training captions never state
+    these facts, so only knowledge the backbone holds can match them."""
+
+    options_allowed = frozenset({"prompts", "split", "manifest", "seed"})
+    option_defaults: ClassVar[dict] = {"split": "test", "manifest": "manifest.jsonl", "seed": 0}
+
+    def load(self, workdir: Path) -> PairSet:
+        import random
+
+        images = _test_images(self.root, self.options["split"], self.options["manifest"])
+        scenes = _scenes(self.root)
+        missing = [i for i, _ in images if i not in scenes]
+        if missing:
+            raise DataError(f"world_knowledge: {len(missing)} image(s) have no scene in scenes.jsonl, "
+                            f"e.g. {missing[:5]}; regenerate the world")
+        captions = [knowledge_caption(scenes[i], random.Random(f"{self.options['seed']}-{i}")) for i, _ in images]
+        files = [self.root / self.options["manifest"], self.root / "scenes.jsonl"]
+        info = {"format": "world_knowledge", "split": self.options["split"], "images_dir": str(self.root),
+                "partial": False, "captions_per_image": 1, "truncation": None, "example": captions[0]}
+        return PairSet([self.root / p for _, p in images], captions, np.arange(len(images)), files, info)
+
+
+@register_benchmark("world_composed")
+class WorldComposed(Benchmark):
+    """Composed retrieval on the world (CIRR-style): reference image + "make the <shape> <colour>"
+    -> the same scene with that shape recoloured. Targets are rendered from the scene file (with
+    the world's renderer) next to the embedding cache; the gallery is the split's images plus
+    every target, and each query's reference image is removed from its own ranking."""
+
+    prompts: ClassVar[dict] = {
+        "query": {"multimodal": "Modify this image with {text}. Describe modified image in one word: "},
+        "gallery": {"image": "Describe this image in one word: "},
+    }
+
+    def evaluate(self, embedder, ks=(1, 5, 10)) -> Result:
+        import json
+        import random
+
+        from slq.benchmarks.image_text import work_dir
+        from slq.retrieval import first_hit_rank, recall_curve, recall_from_ranks, topk
+
+        root = Path(self.root or "data/world")
+        split = self.options.get("split", "test")
+        images = _test_images(root, split)
+        scenes = _scenes(root)
+        size = json.loads((root / "world.json").read_text())["image_size"] if (root / "world.json").exists() else 64
+        out = Path(self.options.get("render_dir") or work_dir(embedder) / "world_composed") / f"{split}-{size}"
+        out.mkdir(parents=True, exist_ok=True)
+        queries, targets = [], []
+        for image_id, rel in images:
+            rng = random.Random(f"composed-{image_id}")
+            scene = list(scenes[image_id])
+            k = rng.randrange(len(scene))
+            obj_size, colour, shape, pos = scene[k]
+            new = rng.choice([c for c in COLOURS if c != colour])
+            scene[k] = (obj_size, new, shape, pos)
+            target = out / f"{image_id}-target.png"
+            if not target.exists():
+                tmp = target.with_name(f".{target.name}.tmp")
+                render_scene(scene, size, rng).save(tmp, format="PNG")
+                tmp.replace(target)
+            queries.append((root / rel, f"make the {shape} {new}"))
+            targets.append(target)
+        gallery = [root / rel for _, rel in images] + targets
+        data_hash = files_hash([root / "manifest.jsonl", root / "scenes.jsonl"])
+        q = embedder.embed(Corpus("multimodal", queries, self.prompts["query"], data_hash))  # (N, D)
+        g = embedder.embed(Corpus("image", gallery, self.prompts["gallery"], data_hash))  # (2N, D)
+        n = len(images)
+        depth = max(50, *ks)
+        ranked, _ = topk(q, g, depth, exclude=np.arange(n))  # the reference is not an answer
+        ranks = first_hit_rank(ranked, np.arange(n) + n)
+        metrics = recall_from_ranks(ranks, sorted({*ks, 50}))
+        info = {"n_queries": n, "n_gallery": len(gallery), "split": split, "render_dir": str(out),
+                "files_hash": data_hash, "prompts": self.prompts, "partial": False,
+                "example": f"{queries[0][0].name} + {queries[0][1]!r}", "reference_excluded": True}
+        return Result(metrics=metrics, curves={"recall": recall_curve(ranks, depth).tolist()}, info=info)

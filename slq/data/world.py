@@ -21,7 +21,7 @@ from tqdm import tqdm
 from slq.config import DataConfig
 from slq.io import write_atomic_dir
 
-VERSION = 1  # bump when the rendering or captions change
+VERSION = 2  # bump when the rendering or captions change
 SPLITS = ("train", "val", "test")
 BACKGROUND = (32, 32, 32)
 COLOURS = {
@@ -44,6 +44,28 @@ POSITIONS = {  # centre as fractions of the image side, and how a caption says i
     "center": ((0.5, 0.5), "in the center"),
 }
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+SCENES = "scenes.jsonl"  # one row per image: {image_id, split, objects: [[size, colour, shape, position]]}
+
+# World knowledge that literal captions never state: what a shape or a colour *is*. The
+# knowledge-aware task describes scenes only through these facts.
+SHAPE_FACTS = {
+    "circle": "round shape with no corners",
+    "square": "shape with four equal sides and four right angles",
+    "triangle": "shape with three sides",
+    "star": "shape with five points",
+    "diamond": "shape whose four corners point up, down, left and right",
+    "cross": "shape like a plus sign",
+}
+COLOUR_FACTS = {
+    "red": "the colour of a ripe tomato",
+    "green": "the colour of fresh grass",
+    "blue": "the colour of a clear sky",
+    "yellow": "the colour of a banana",
+    "purple": "the colour of an aubergine",
+    "orange": "the colour of a carrot",
+    "pink": "the colour of a flamingo",
+    "white": "the colour of snow",
+}
 
 
 def generate_world(cfg: DataConfig, root: Path) -> Path:
@@ -77,6 +99,34 @@ def load_manifest(root: Path, manifest: str = "manifest.jsonl") -> list[dict]:
     return rows
 
 
+def load_scenes(root: Path) -> dict[str, list[tuple]]:
+    """image_id -> the scene's objects (size, colour, shape, position), from scenes.jsonl."""
+    path = Path(root) / SCENES
+    if not path.is_file():
+        raise FileNotFoundError(f"scene file not found: {path} (regenerate the world: slq data generate --force)")
+    scenes = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            scenes[row["image_id"]] = [tuple(o) for o in row["objects"]]
+    return scenes
+
+
+def knowledge_caption(scene, rng: random.Random) -> str:
+    """A caption that names no shape, colour or count: only facts about them and a sum."""
+    objects = list(scene)
+    rng.shuffle(objects)
+    n = len(objects)
+    a = rng.randint(0, n)
+    count = f"({a}+{n - a}) shape{'s' if n > 1 else ''}"
+    parts = [f"a {size} {SHAPE_FACTS[shape]} in {COLOUR_FACTS[colour]} {POSITIONS[pos][1]}"
+             for size, colour, shape, pos in objects]
+    return f"{count}: {_join(parts)}"
+
+
 def image_path(root: Path, row: dict) -> Path:
     """The image file of a manifest row (its `image` field is relative to the world root)."""
     return Path(root) / row["image"]
@@ -89,7 +139,7 @@ def _write_world(cfg: DataConfig, out: Path) -> None:
     rng = random.Random(cfg.seed)
     counts = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
     seen: set[tuple] = set()  # scene keys across all splits, so no description repeats
-    rows = []
+    rows, scenes = [], []
     with tqdm(total=sum(counts.values()), desc="world", unit="scene") as bar:
         for split in SPLITS:
             (out / "images" / split).mkdir(parents=True)
@@ -97,13 +147,16 @@ def _write_world(cfg: DataConfig, out: Path) -> None:
                 image_id = f"{split}-{i:05d}"
                 scene = _sample_scene(rng, seen)
                 rel = f"images/{split}/{image_id}.png"
-                _render(scene, cfg.image_size, rng).save(out / rel, format="PNG", optimize=False)
+                render_scene(scene, cfg.image_size, rng).save(out / rel, format="PNG", optimize=False)
+                scenes.append({"image_id": image_id, "split": split, "objects": [list(o) for o in scene]})
                 for k, caption in enumerate(_captions(scene, cfg.captions_per_image, rng)):
                     rows.append({"id": f"{image_id}-c{k}", "image_id": image_id, "image": rel,
                                  "caption": caption, "split": split})
                 bar.update()
     with (out / cfg.manifest).open("w", encoding="utf-8", newline="\n") as f:
         f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+    with (out / SCENES).open("w", encoding="utf-8", newline="\n") as f:
+        f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in scenes)
     params = {"version": VERSION, "seed": cfg.seed, "n_train": cfg.n_train, "n_val": cfg.n_val,
               "n_test": cfg.n_test, "captions_per_image": cfg.captions_per_image,
               "image_size": cfg.image_size, "manifest": cfg.manifest, "colours": list(COLOURS),
@@ -123,7 +176,7 @@ def _sample_scene(rng: random.Random, seen: set, tries: int = 100) -> list[tuple
     return scene
 
 
-def _render(scene, size: int, rng: random.Random) -> Image.Image:
+def render_scene(scene, size: int, rng: random.Random) -> Image.Image:
     """Draw the shapes on a plain background, each jittered by a pixel or two."""
     img = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(img)

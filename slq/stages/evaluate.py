@@ -61,7 +61,7 @@ def _txt_to_img(img_rows: list[dict], txt_rows: list[dict]) -> np.ndarray:
 PATH_OPTIONS = ("root", "image_root", "submission_dir", "render_dir", "images_dir")
 
 
-def run_benchmarks(cfg: Config, encoder=None) -> dict:
+def run_benchmarks(cfg: Config, encoder=None, with_gap: bool | None = None) -> tuple[dict, dict | None]:
     """Run every benchmark in `evaluate.benchmarks` with the trained checkpoint; write the report.
 
     Embeddings go through a cache keyed by (checkpoint hash, data hash, prompt, items), so a
@@ -88,11 +88,12 @@ def run_benchmarks(cfg: Config, encoder=None) -> dict:
         for key in PATH_OPTIONS:
             if entry.get(key) is not None:
                 entry[key] = str(cfg.path(entry[key]))
-        if name.startswith("world") and "root" not in entry:
+        if name.startswith("world") and entry.get("root") is None:
             entry["root"] = str(cfg.path(cfg.data.root))
         results[label] = get_benchmark(name)(**entry).evaluate(embedder, ks=tuple(ev.ks))
     out = cfg.path(ev.report_dir)
-    gap = _modality_gap(cfg, out, modality_gap, pca_scatter_png) if ev.modality_gap else None
+    with_gap = ev.modality_gap if with_gap is None else with_gap
+    gap = _modality_gap(cfg, out, modality_gap, pca_scatter_png) if with_gap else None
     meta = {"backbone": encoder.backbone.source, "revision": encoder.backbone.revision,
             "model_type": encoder.backbone.model_type, "num_queries": encoder.queries.num_queries,
             "checkpoint_hash": ckpt_hash, "prompts": encoder.prompts.to_dict(),
