@@ -27,7 +27,9 @@ case "${1:-}" in
     setup
     . "$VENV/bin/activate"
     slq data generate          # the synthetic world (byte-identical to what data.dvc pins)
+    start=$SECONDS
     dvc repro                  # validate -> train -> embed -> index -> evaluate -> register
+    echo "dvc repro took $(( SECONDS - start )) s"
     dvc metrics show
     ;;
   test)

@@ -1,5 +1,6 @@
 """The world's knowledge-aware and composed tasks: construction and metrics, hand-checked."""
 
+import hashlib
 import random
 import re
 from pathlib import Path
@@ -56,11 +57,12 @@ def test_training_captions_never_state_a_fact(world):
 class Unit:
     """A fake embedder: every image path gets its own random unit vector."""
 
-    def __init__(self, dim=64):
+    def __init__(self, dim=512):
         self.dim, self.seen = dim, []
 
     def vec(self, key):
-        v = np.random.default_rng(abs(hash(str(key))) % 2**32).standard_normal(self.dim)
+        seed = int(hashlib.md5(str(key).encode()).hexdigest()[:8], 16)  # stable across processes
+        v = np.random.default_rng(seed).standard_normal(self.dim)
         return v / np.linalg.norm(v)
 
     def embed(self, corpus):

@@ -69,7 +69,7 @@ def test_dvc_repro_runs_every_stage(repro):
     assert index["slq_test_text"]["rows"] == 48
     reg = json.loads((proj / "reports/register.json").read_text())
     assert reg["promoted"] is True and reg["version"] == 1
-    assert set(metrics["benchmarks"]) == {"world", "world_i2i"}
+    assert set(metrics["benchmarks"]) == {"world", "world_i2i", "world_composed", "world_knowledge"}
     assert metrics["benchmarks"]["world"]["t2i_R@1"] == metrics["t2i_R@1"]  # two paths, one number
     assert metrics["modality_gap"]["trained"] > 0
     report = (proj / "reports/benchmarks/benchmarks.md").read_text()

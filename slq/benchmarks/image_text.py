@@ -48,6 +48,7 @@ from slq.benchmarks.base import (
     files_hash,
     register_benchmark,
 )
+from slq.io import write_bytes_atomic
 from slq.retrieval import image_text_ranks, recall_curve, summarize
 
 CURVE_K = 50  # curves cover recall at k = 1..max(CURVE_K, max(ks))
@@ -403,7 +404,7 @@ class CaptionRenderer:
         folder.mkdir(parents=True, exist_ok=True)
         meta = folder / "render.json"
         if not meta.exists():
-            _write_bytes_atomic(meta, (json.dumps(self.spec, sort_keys=True, indent=2) + "\n").encode())
+            write_bytes_atomic(meta, (json.dumps(self.spec, sort_keys=True, indent=2) + "\n").encode())
         unique = list(dict.fromkeys(texts))
         cut = {t: self.layout(t)[1] for t in unique}
         todo = [t for t in unique if not self.path_for(out_dir, t).exists()]
@@ -425,19 +426,7 @@ def _save_png(item) -> None:
     img, path = item
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)
-    _write_bytes_atomic(path, buf.getvalue())
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, buf.getvalue())
 
 
 class _NoBar:

@@ -33,9 +33,9 @@ from slq.benchmarks.image_text import (
     ImageTextBenchmark,
     PairSet,
     Problems,
-    _write_bytes_atomic,
     assemble,
 )
+from slq.io import write_bytes_atomic
 
 
 @register_benchmark("karr")
@@ -180,5 +180,5 @@ class Karr(ImageTextBenchmark):
             return False
         path = out / f"{hashlib.sha256(data).hexdigest()[:24]}{suffix}"
         if not path.exists():
-            _write_bytes_atomic(path, data)
+            write_bytes_atomic(path, data)
         return str(path)

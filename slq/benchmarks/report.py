@@ -13,15 +13,15 @@ written atomically (temporary sibling + rename), so DVC and readers never see ha
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from slq.benchmarks.base import Result
-from slq.io import write_json_atomic, write_text_atomic
+from slq.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 NA = "—"
 # "Always report" (docs/benchmarks.md): meta key -> label; absent keys print as "not recorded".
@@ -148,18 +148,9 @@ def pca_scatter_png(img: np.ndarray, txt: np.ndarray, path, title: str = "", max
     ax.set_ylabel(f"PC2 ({100 * var[1]:.1f}%)")
     ax.set_title(title)
     ax.legend()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return write_bytes_atomic(path, buf.getvalue())
 
 
 # ---- files ---------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from slq.data.world import (
     load_scenes,
     render_scene,
 )
+from slq.io import write_bytes_atomic
 
 
 @register_benchmark("world")
@@ -146,6 +147,7 @@ class WorldComposed(Benchmark):
     }
 
     def evaluate(self, embedder, ks=(1, 5, 10)) -> Result:
+        import io
         import json
         import random
 
@@ -169,9 +171,9 @@ class WorldComposed(Benchmark):
             scene[k] = (obj_size, new, shape, pos)
             target = out / f"{image_id}-target.png"
             if not target.exists():
-                tmp = target.with_name(f".{target.name}.tmp")
-                render_scene(scene, size, rng).save(tmp, format="PNG")
-                tmp.replace(target)
+                buf = io.BytesIO()
+                render_scene(scene, size, rng).save(buf, format="PNG")
+                write_bytes_atomic(target, buf.getvalue())
             queries.append((root / rel, f"make the {shape} {new}"))
             targets.append(target)
         gallery = [root / rel for _, rel in images] + targets
