@@ -1,0 +1,28 @@
+"""slq: Shared Latent Queries turn a frozen multimodal LLM into a retriever.
+
+    from slq import SLQEncoder, fit, FitConfig
+
+Names are resolved lazily so that `import slq.config` (the CLI) does not import torch.
+"""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "SLQEncoder": "slq.encoder",
+    "fit": "slq.train",
+    "FitConfig": "slq.train",
+    "TrainingDiverged": "slq.train",
+    "ContrastiveLoss": "slq.loss",
+    "LatentQueries": "slq.queries",
+    "load_backbone": "slq.backbones",
+    "build_tiny_backbone": "slq.backbones.tiny",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'slq' has no attribute {name!r}")

@@ -24,3 +24,14 @@ def test_core_library_imports_no_mlops_tool():
 def test_cli_help_imports_no_heavy_module():
     mods = loaded_after("import cli")
     assert not mods & {"torch", "transformers", "mlflow", "prefect", "lancedb", "great_expectations"}
+
+
+def test_public_api_resolves_lazily():
+    import pytest
+
+    import slq
+
+    for name in slq.__all__:
+        assert getattr(slq, name) is not None
+    with pytest.raises(AttributeError):
+        slq.no_such_thing  # noqa: B018

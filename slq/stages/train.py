@@ -12,7 +12,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from slq.config import Config
@@ -71,9 +71,7 @@ def run(cfg: Config) -> dict:
     root = cfg.path(cfg.data.root)
     data = [{"image": root / r["image"], "caption": r["caption"], "id": r["id"]} for r in split_rows(cfg, "train")]
     enc = load_encoder(cfg)
-    fit_cfg = FitConfig(steps=t.steps, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
-                        warmup_steps=t.warmup_steps, grad_clip=t.grad_clip, temperature=t.temperature,
-                        save_every=t.save_every, seed=t.seed, split_forward=t.split_forward)
+    fit_cfg = FitConfig(**{f.name: getattr(t, f.name) for f in fields(FitConfig)})  # the loop's share of `train`
     fingerprint = hashlib.sha256(json.dumps(
         [asdict(t), data_hash(cfg), str(enc.backbone.source), asdict(cfg.prompts)], sort_keys=True).encode()
     ).hexdigest()[:12]
