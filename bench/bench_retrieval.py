@@ -29,7 +29,7 @@ def main():
     ap.add_argument("--n-img", type=int, default=5_000)
     ap.add_argument("--dim", type=int, default=2560)
     ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--chunk", type=int, default=4096)
+    ap.add_argument("--chunk", type=int, default=1024)
     args = ap.parse_args()
 
     rng = np.random.default_rng(0)

@@ -53,6 +53,34 @@ def topk(
     return out_idx, out_score
 
 
+def topk_both_ways(a: np.ndarray, b: np.ndarray, k: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """`topk(a, b, k)[0]` and `topk(b, a, k)[0]` from one pass over the (A, B) score matrix.
+
+    Each chunk of rows of a @ b.T gives a's top-k directly and, column-wise, candidates for b's
+    top-k, merged into a running (B, k) best list. Same results and tie rule as `topk` (lower
+    index first: earlier chunks hold lower indices and the merge sort is stable), half the
+    matrix products.
+    """
+    dtype = np.result_type(a, b, np.float32)
+    a, b = np.asarray(a, dtype=dtype), np.asarray(b, dtype=dtype)
+    if k < 1 or len(a) == 0 or len(b) == 0:
+        raise ValueError(f"need k >= 1 and non-empty inputs, got k={k}, {a.shape}, {b.shape}")
+    k_ab, k_ba = min(int(k), len(b)), min(int(k), len(a))
+    ab = np.empty((len(a), k_ab), dtype=np.int64)
+    ba_idx = ba_score = None
+    for lo in range(0, len(a), chunk):
+        s = a[lo : lo + chunk] @ b.T  # (C, B)
+        ab[lo : lo + chunk], _ = _topk_rows(s, k_ab)
+        idx, score = _topk_rows(np.ascontiguousarray(s.T), min(k_ba, len(s)))  # (B, <=k) within the chunk
+        idx = idx + lo
+        if ba_idx is not None:
+            idx, score = np.concatenate([ba_idx, idx], 1), np.concatenate([ba_score, score], 1)
+            order = np.argsort(-score, axis=1, kind="stable")[:, :k_ba]
+            idx, score = np.take_along_axis(idx, order, 1), np.take_along_axis(score, order, 1)
+        ba_idx, ba_score = idx, score
+    return ab, ba_idx
+
+
 def _topk_rows(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top k of each row of s (C, G), sorted by (score desc, index asc)."""
     kth = np.partition(s, s.shape[1] - k, axis=1)[:, s.shape[1] - k, None]  # (C, 1) k-th best score
@@ -134,8 +162,7 @@ def image_text_ranks(
     txt_to_img = np.asarray(txt_to_img, dtype=np.int64)  # (N_txt,)
     if txt_to_img.shape != (len(txt_emb),) or not np.all((txt_to_img >= 0) & (txt_to_img < len(img_emb))):
         raise ValueError("txt_to_img must give, for each caption, its image's row in img_emb")
-    t2i, _ = topk(txt_emb, img_emb, k, chunk)  # (N_txt, k)
-    i2t, _ = topk(img_emb, txt_emb, k, chunk)  # (N_img, k)
+    t2i, i2t = topk_both_ways(txt_emb, img_emb, k, chunk)  # (N_txt, k), (N_img, k)
     by_image = [set() for _ in range(len(img_emb))]
     for j, i in enumerate(txt_to_img):
         by_image[i].add(j)

@@ -182,3 +182,15 @@ def test_image_text_recall_matches_brute_force():
 def test_image_text_ranks_rejects_bad_mapping():
     with pytest.raises(ValueError, match="txt_to_img"):
         image_text_ranks(np.eye(2), np.eye(2), np.array([0, 2]), k=1)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1024])
+def test_topk_both_ways_equals_two_topk_calls_with_ties(chunk):
+    from slq.retrieval import topk_both_ways
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(-2, 3, size=(23, 4)).astype(np.float32)  # small integers: many exact ties
+    b = rng.integers(-2, 3, size=(11, 4)).astype(np.float32)
+    ab, ba = topk_both_ways(a, b, 5, chunk)
+    np.testing.assert_array_equal(ab, topk(a, b, 5)[0])
+    np.testing.assert_array_equal(ba, topk(b, a, 5)[0])
