@@ -105,7 +105,7 @@ class EvaluateConfig:
     # Registered benchmarks to run (slq/benchmarks/), each {name: ..., [label: ...], options...};
     # relative paths in root / image_root / submission_dir / render_dir are taken from params.yaml's folder.
     benchmarks: list = field(default_factory=list)
-    report_dir: str = "reports/benchmarks"  # benchmarks.md, <name>.json (metrics), <name>_recall.csv
+    report_dir: str = "reports/benchmarks"  # benchmarks.md, <name>.json (metrics), curves/<name>.csv (plots)
     cache_dir: str = "artifacts/embed_cache"  # embeddings keyed by (checkpoint, data, prompt)
     modality_gap: bool = False  # gap + PCA plot on the eval split, trained vs untrained queries
 

@@ -208,7 +208,7 @@ def test_write_report(tmp_path):
     m = json.loads((out / "mmeb.json").read_text())
     assert m["classification"] == 0.5 and m["partial"] is True and m["checkpoint_hash"] == "ck42"
     assert json.loads((out / "mmeb_info.json").read_text())["missing"] == ["VisDial"]
-    rows = list(csv.reader((out / "mmeb_recall.csv").open()))
+    rows = list(csv.reader((out / "curves" / "mmeb.csv").open()))
     assert rows[0] == ["k", "overall"] and rows[3] == ["3", "1.000000"]
     assert json.loads((out / "modality_gap.json").read_text())["n_image"] == 3
     assert set(paths) >= {"markdown", "mmeb", "coco", "mmeb_recall", "coco_recall"}

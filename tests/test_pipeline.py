@@ -94,7 +94,8 @@ def test_dvc_metrics_and_plots_show(repro):
     shown = dvc("metrics", "show", cwd=proj).stdout
     assert "t2i_R@1" in shown and "final_loss" in shown
     dvc("plots", "show", "-o", "plots_html", cwd=proj)
-    assert (proj / "plots_html" / "index.html").exists()
+    html = (proj / "plots_html" / "index.html").read_text()
+    assert "recall_at_k.csv" in html and "reports/benchmarks/curves/world_composed.csv" in html
 
 
 def test_second_repro_does_nothing_and_param_change_reruns_from_train(repro):

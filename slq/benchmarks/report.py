@@ -7,7 +7,7 @@ written atomically (temporary sibling + rename), so DVC and readers never see ha
     out_dir/benchmarks.md          header ("Always report" facts) + one table across benchmarks
     out_dir/<name>.json            DVC metrics: the flat metrics, `partial`, hashes
     out_dir/<name>_info.json       everything else the benchmark recorded (counts, files, prompts)
-    out_dir/<name>_recall.csv      DVC plots: `k,<curve>,...` recall at k = 1..K (header only if none)
+    out_dir/curves/<name>.csv      DVC plots: `k,<curve>,...` recall at k = 1..K (header only if none)
     out_dir/modality_gap.json      when `gap` is given (see `modality_gap`)
 """
 
@@ -175,7 +175,7 @@ def write_report(out_dir, results: dict[str, Result], meta: dict, gap: dict | No
                    **{k: v for k, v in extra.items() if v is not None}}
         written[name] = write_json_atomic(out / f"{name}.json", metrics)
         written[f"{name}_info"] = write_json_atomic(out / f"{name}_info.json", res.info)
-        written[f"{name}_recall"] = write_text_atomic(out / f"{name}_recall.csv", _curves_csv(res.curves))
+        written[f"{name}_recall"] = write_text_atomic(out / "curves" / f"{name}.csv", _curves_csv(res.curves))
     return written
 
 
