@@ -16,6 +16,7 @@ import torch
 from slq.io import file_sha256, write_atomic_dir
 
 WEIGHTS = "queries.safetensors"
+LLM_WEIGHTS = "llm.safetensors"  # lora/full checkpoints: the LLM weights the method changed
 MANIFEST = "slq.json"
 FORMAT = "slq-queries/1"
 
@@ -26,10 +27,18 @@ class CheckpointError(ValueError):
 
 def checkpoint_hash(ckpt_dir: str | Path) -> str:
     """Content hash of the learned tensors (the manifest's metrics may change; the model does not)."""
-    return file_sha256(Path(ckpt_dir) / WEIGHTS)[:16]
+    ckpt_dir = Path(ckpt_dir)
+    h = file_sha256(ckpt_dir / WEIGHTS)
+    if (ckpt_dir / LLM_WEIGHTS).is_file():
+        import hashlib
+
+        h = hashlib.sha256((h + file_sha256(ckpt_dir / LLM_WEIGHTS)).encode()).hexdigest()
+    return h[:16]
 
 
-def save_checkpoint(out_dir, queries: torch.Tensor, log_temp: torch.Tensor | None, manifest: dict) -> Path:
+def save_checkpoint(out_dir, queries: torch.Tensor, log_temp: torch.Tensor | None, manifest: dict,
+                    llm: dict[str, torch.Tensor] | None = None) -> Path:
+    """`queries` may have zero rows (a last-token method); `llm` holds LoRA or fine-tuned LLM weights."""
     from safetensors.torch import save_file
 
     tensors = {"queries": queries.detach().float().cpu().contiguous()}
@@ -40,6 +49,8 @@ def save_checkpoint(out_dir, queries: torch.Tensor, log_temp: torch.Tensor | Non
 
     def write(tmp: Path):
         save_file(tensors, str(tmp / WEIGHTS))
+        if llm:
+            save_file(llm, str(tmp / LLM_WEIGHTS))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
 
     return write_atomic_dir(out_dir, write)
@@ -69,3 +80,11 @@ def load_checkpoint(ckpt_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor | 
         raise CheckpointError(f"{ckpt_dir}: queries shape {tuple(q.shape)} disagrees with the manifest")
     lt = tensors.get("log_temp")
     return q, (lt.reshape(()) if lt is not None else None), manifest
+
+
+def load_llm_weights(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The LLM weights a lora/full checkpoint holds ({} for slq and zero_shot)."""
+    from safetensors.torch import load_file
+
+    path = Path(ckpt_dir) / LLM_WEIGHTS
+    return load_file(str(path)) if path.is_file() else {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,22 @@ from torch import nn
 
 from slq.backbones import BackboneAdapter, load_backbone
 from slq.backbones.base import Prompts
-from slq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from slq.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_llm_weights,
+    save_checkpoint,
+)
 from slq.inputs import check_text, load_image
+from slq.methods import (
+    SUMMARIZE_PROMPTS,
+    LoraSpec,
+    apply_lora,
+    check_method,
+    llm_delta,
+    load_llm_delta,
+    unfreeze_llm,
+)
 from slq.queries import LatentQueries
 
 
@@ -40,17 +55,46 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 
 
 class SLQEncoder(nn.Module):
-    def __init__(self, backbone: BackboneAdapter, queries: LatentQueries, prompts: Prompts | None = None):
+    """A frozen MLLM + shared latent queries (method `slq`), or one of the methods it is compared
+    with (`zero_shot`, `lora`, `full`: see slq.methods), behind one encode API."""
+
+    def __init__(self, backbone: BackboneAdapter, queries: LatentQueries | None, prompts: Prompts | None = None,
+                 *, method: str = "slq", pooling: str | None = None, lora: LoraSpec | None = None):
         super().__init__()
-        if queries.hidden_size != backbone.hidden_size:
+        self.pooling = check_method(method, pooling)
+        self.method = method
+        self.lora = lora
+        if self.pooling == "queries" and queries is None:
+            raise ValueError(f"method {method!r} with query pooling needs queries")
+        if queries is not None and queries.hidden_size != backbone.hidden_size:
             raise CheckpointError(
                 f"queries have hidden size {queries.hidden_size} but backbone {backbone.source} "
                 f"({backbone.model_type}) has {backbone.hidden_size}"
             )
         self.backbone = backbone
-        self.queries = queries.to(backbone.device)
+        self.queries = queries.to(backbone.device) if queries is not None else None
         self.prompts = prompts or Prompts()
         self.manifest: dict = {}
+        self._llm_params: list[nn.Parameter] = []
+
+    @property
+    def num_queries(self) -> int:
+        return self.queries.num_queries if self.queries is not None else 0
+
+    def make_trainable(self) -> None:
+        """Unfreeze what the method trains in the LLM (LoRA layers or every weight; nothing for slq)."""
+        if self.method == "lora" and not self._llm_params:
+            if not any("lora_" in n for n, _ in self.backbone.decoder.named_parameters()):
+                apply_lora(self.backbone, self.lora or LoraSpec())
+            self._llm_params = [p for n, p in self.backbone.decoder.named_parameters() if "lora_" in n]
+            for p in self._llm_params:
+                p.requires_grad_(True)
+        elif self.method == "full" and not self._llm_params:
+            self._llm_params = unfreeze_llm(self.backbone)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What training updates: the queries (if any) and the method's LLM weights."""
+        return ([self.queries.weight] if self.queries is not None else []) + list(self._llm_params)
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
@@ -66,6 +110,9 @@ class SLQEncoder(nn.Module):
         dtype=None,
         device=None,
         attn_implementation: str | None = None,
+        method: str = "slq",
+        pooling: str | None = None,
+        lora: LoraSpec | dict | None = None,
     ) -> SLQEncoder:
         """Load a backbone (local HF checkpoint folder) and queries (a checkpoint folder or a fresh init).
 
@@ -89,17 +136,31 @@ class SLQEncoder(nn.Module):
                     f"{manifest['hidden_size']}; {backbone} is {adapter.model_type} with hidden size "
                     f"{adapter.hidden_size}. Load it onto the backbone it was trained with."
                 )
-            lq = LatentQueries(q.shape[0], q.shape[1])
-            with torch.no_grad():
-                lq.weight.copy_(q)
+            lq = None
+            if q.shape[0]:
+                lq = LatentQueries(q.shape[0], q.shape[1])
+                with torch.no_grad():
+                    lq.weight.copy_(q)
             prompts = prompts or manifest.get("prompts")
+            method = manifest.get("method", "slq")
+            pooling = manifest.get("pooling_mode", "queries")
+            lora = manifest.get("lora")
+            lora = LoraSpec(**lora) if isinstance(lora, dict) else lora
+            load_llm_delta(adapter, method, load_llm_weights(queries), lora)
         else:
-            lq = LatentQueries(num_queries, adapter.hidden_size)
-            cls._init_queries(lq, adapter, init, seed)
+            pooling = check_method(method, pooling)
+            lq = None
+            if pooling == "queries":
+                lq = LatentQueries(num_queries, adapter.hidden_size)
+                cls._init_queries(lq, adapter, init, seed)
+            if prompts is None and pooling == "last_token":
+                prompts = dict(SUMMARIZE_PROMPTS)
             manifest = {}
         if isinstance(prompts, dict):
             prompts = Prompts(**prompts)
-        enc = cls(adapter, lq, prompts)
+        if isinstance(lora, dict):
+            lora = LoraSpec(**lora)
+        enc = cls(adapter, lq, prompts, method=method, pooling=pooling, lora=lora)
         enc.manifest = manifest
         return enc
 
@@ -120,10 +181,27 @@ class SLQEncoder(nn.Module):
         base = {
             "backbone": {"path": bb.source, "revision": bb.revision, "model_type": bb.model_type,
                          "hidden_size": bb.hidden_size},
-            "pooling": "mean_of_query_states_l2",
+            "method": self.method,
+            "pooling_mode": self.pooling,
+            "pooling": "mean_of_query_states_l2" if self.pooling == "queries" else "last_token_state_l2",
             "prompts": self.prompts.to_dict(),
         }
-        return save_checkpoint(out_dir, self.queries.weight, log_temp, {**base, **manifest})
+        if self.method == "lora":
+            base["lora"] = asdict(self.lora or LoraSpec())
+        q = self.queries.weight if self.queries is not None else torch.zeros(0, bb.hidden_size)
+        return save_checkpoint(out_dir, q, log_temp, {**base, **manifest}, llm=llm_delta(bb, self.method))
+
+    def load_trained(self, ckpt_dir: str | Path) -> torch.Tensor | None:
+        """Copy a checkpoint's queries and LLM weights into this encoder (resume); returns its log_temp."""
+        q, log_temp, _ = load_checkpoint(ckpt_dir)
+        with torch.no_grad():
+            if self.queries is not None:
+                self.queries.weight.copy_(q.to(self.queries.weight.device))
+            llm = load_llm_weights(ckpt_dir)
+            if llm:
+                self.backbone.decoder.load_state_dict({k: v.to(self.backbone.dtype) for k, v in llm.items()},
+                                                      strict=False)
+        return log_temp
 
     @contextlib.contextmanager
     def using_prompts(self, prompts: Prompts | dict | None):
@@ -140,7 +218,9 @@ class SLQEncoder(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------
     def embed_inputs(self, inputs: dict, split: bool = False) -> torch.Tensor:
-        """Model inputs -> L2-normalised fp32 embeddings (B, D), differentiable in the queries."""
+        """Model inputs -> L2-normalised fp32 embeddings (B, D), differentiable in what trains."""
+        if self.pooling == "last_token":
+            return F.normalize(self.backbone.forward_last(inputs).float(), dim=-1)  # (B, D)
         q = self.queries(self.backbone.dtype)  # (Nq, D)
         fwd = self.backbone.forward_split if split else self.backbone.forward_whole
         h = fwd(inputs, q)  # (B, Nq, D)

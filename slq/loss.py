@@ -51,18 +51,20 @@ class ContrastiveLoss(nn.Module):
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
-def sync_gradients(queries: torch.Tensor, log_temp: torch.Tensor) -> None:
+def sync_gradients(params, log_temp: torch.Tensor) -> None:
     """Make each rank's gradients the exact gradient of the global loss.
 
     Every rank computes the full gathered loss but back-propagates only through its own
-    shard of features, so the queries' gradient is the sum over ranks; the temperature is a
-    direct input on every rank, so its gradient is already whole and is averaged.
+    shard of features, so the gradient of what trains (`params`: the queries, or a tensor list
+    with LoRA/LLM weights) is the sum over ranks; the temperature is a direct input on every
+    rank, so its gradient is already whole and is averaged.
     """
     if not is_distributed():
         return
     dist = torch.distributed
-    if queries.grad is not None:
-        dist.all_reduce(queries.grad, op=dist.ReduceOp.SUM)
+    for p in [params] if torch.is_tensor(params) else params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
     if log_temp.grad is not None:
         dist.all_reduce(log_temp.grad, op=dist.ReduceOp.SUM)
         log_temp.grad /= dist.get_world_size()

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from slq.checkpoint import load_checkpoint
 from slq.io import write_atomic_dir
 from slq.loss import ContrastiveLoss, is_distributed, sync_gradients
 
@@ -91,7 +90,8 @@ def fit(
     on_step: Callable[[dict], None] | None = None,
     stop_after: int | None = None,
 ) -> FitResult:
-    """Train `encoder.queries` on (image, caption) pairs; returns per-step metrics.
+    """Train what `encoder`'s method trains (the queries for slq; LoRA or LLM weights for lora/full)
+    and the temperature on (image, caption) pairs; returns per-step metrics.
 
     `work_dir/last` holds the latest checkpoint (queries, temperature, optimiser, step); when it
     exists the run resumes from it. `stop_after` ends the call early (as a kill would), for tests.
@@ -103,7 +103,13 @@ def fit(
                          "lower train.batch_size or add data")
     device = encoder.backbone.device
     loss_fn = ContrastiveLoss(cfg.temperature).to(device)
-    params = [encoder.queries.weight, loss_fn.log_temp]
+    encoder.make_trainable()
+    trained = encoder.trainable_parameters()
+    if not trained:
+        raise ValueError(f"method {encoder.method!r} has nothing to train")
+    params = [*trained, loss_fn.log_temp]
+    # The split forward is exact only when the prompt's states do not depend on what trains.
+    split = cfg.split_forward and encoder.method == "slq"
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
     result = FitResult()
@@ -125,8 +131,8 @@ def fit(
         idx = batch_indices(step, len(data), global_batch, cfg.seed)[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
         rows = [_pair(data[i], int(i)) for i in idx]
         with autocast:
-            img = encoder.embed_inputs(encoder.prepare(images=[r[0] for r in rows]), split=cfg.split_forward)
-            txt = encoder.embed_inputs(encoder.prepare(texts=[r[1] for r in rows]), split=cfg.split_forward)
+            img = encoder.embed_inputs(encoder.prepare(images=[r[0] for r in rows]), split=split)
+            txt = encoder.embed_inputs(encoder.prepare(texts=[r[1] for r in rows]), split=split)
         loss = loss_fn(img, txt)
         if not torch.isfinite(loss):
             kept = f"the last good checkpoint is kept at {last}" if last is not None else "no checkpoint was written"
@@ -136,7 +142,7 @@ def fit(
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        sync_gradients(encoder.queries.weight, loss_fn.log_temp)
+        sync_gradients(trained, loss_fn.log_temp)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         if not torch.isfinite(grad_norm):
             # Seen with split_forward=False in bf16 on left-padded batches (SDPA backward through
@@ -178,9 +184,8 @@ def _save_state(last: Path, encoder, loss_fn, opt, sched, step: int, history: li
 
 
 def _resume(last: Path, encoder, loss_fn, opt, sched, result: FitResult) -> int:
-    q, log_temp, _ = load_checkpoint(last / "queries")
+    log_temp = encoder.load_trained(last / "queries")
     with torch.no_grad():
-        encoder.queries.weight.copy_(q.to(encoder.queries.weight.device))
         loss_fn.log_temp.copy_(log_temp)
     state = torch.load(last / "train_state.pt", map_location="cpu", weights_only=True)
     opt.load_state_dict(state["optimizer"])

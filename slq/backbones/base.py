@@ -299,6 +299,11 @@ class BackboneAdapter:
             out = self.base(**ext, use_cache=False)
         return out.last_hidden_state[:, -n_q:]  # (B, Nq, D)
 
+    def forward_last(self, inputs: dict) -> torch.Tensor:
+        """The last real token's last hidden state (left padding: the last column).  -> (B, D)"""
+        out = self.base(**self._to_device(inputs), use_cache=False)
+        return out.last_hidden_state[:, -1]
+
     def forward_split(self, inputs: dict, queries: torch.Tensor) -> torch.Tensor:
         """Prompt under no_grad into a KV cache, then only the Nq query tokens (with autograd).
 

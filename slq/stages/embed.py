@@ -36,7 +36,7 @@ def run(cfg: Config) -> dict:
         counts[split] = {"images": len(images), "texts": len(rows)}
     meta = {"checkpoint_hash": checkpoint_hash(ckpt), "dim": enc.backbone.hidden_size,
             "backbone": enc.backbone.source, "model_type": enc.backbone.model_type,
-            "num_queries": enc.queries.num_queries, "prompts": enc.prompts.to_dict(),
+            "num_queries": enc.num_queries, "method": enc.method, "prompts": enc.prompts.to_dict(),
             "data_hash": data_hash(cfg), "splits": counts}
 
     def write(tmp):

@@ -95,7 +95,7 @@ def run_benchmarks(cfg: Config, encoder=None, with_gap: bool | None = None) -> t
     with_gap = ev.modality_gap if with_gap is None else with_gap
     gap = _modality_gap(cfg, out, modality_gap, pca_scatter_png) if with_gap else None
     meta = {"backbone": encoder.backbone.source, "revision": encoder.backbone.revision,
-            "model_type": encoder.backbone.model_type, "num_queries": encoder.queries.num_queries,
+            "model_type": encoder.backbone.model_type, "num_queries": encoder.num_queries, "method": encoder.method,
             "checkpoint_hash": ckpt_hash, "prompts": encoder.prompts.to_dict(),
             "image_resolution": _pixel_budget(encoder), "caption_truncation": "none unless a benchmark sets it"}
     write_report(out, results, meta, gap=gap)

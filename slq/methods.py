@@ -1,0 +1,109 @@
+"""The ways of turning an MLLM into an embedder that SLQ is compared with, as in the paper.
+
+- `slq`: the backbone frozen; shared latent queries appended to every input; mean of their last
+  hidden states. Trains the queries (+ temperature).
+- `zero_shot`: no training. An E5-V style instruction ("Summarize the above ... in one word:")
+  and the last token's last hidden state.
+- `lora`: LoRA adapters (peft) on the LLM's linear layers, trained contrastively; pooling by the
+  last token (with the zero-shot prompt, as E5-V) or by latent queries trained alongside.
+- `full`: every LLM weight trained contrastively (the vision tower stays frozen); last-token pooling.
+
+All four go through `SLQEncoder` (same inputs, same loss, same evaluation); a checkpoint folder
+records the method, and holds the queries and, for `lora`/`full`, the changed LLM weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+METHODS = ("slq", "zero_shot", "lora", "full")
+POOLINGS = ("queries", "last_token")
+
+# E5-V's prompts, adapted to "the above": the instruction after the content, then the assistant
+# turn opens and the last token's state is the embedding.
+SUMMARIZE_PROMPTS = {
+    "text": "{text}\nSummarize the above sentence in one word:",
+    "image": "Summarize the above image in one word:",
+    "multimodal": "{text}\nSummarize the above image and text in one word:",
+    "add_generation_prompt": True,
+}
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraSpec:
+    r: int = 8
+    alpha: int = 16
+    targets: list = field(default_factory=lambda: list(LORA_TARGETS))
+
+
+def check_method(method: str, pooling: str | None) -> str:
+    """The pooling a method uses (its default when `pooling` is None); errors name the choices."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    default = "queries" if method == "slq" else "last_token"
+    pooling = pooling or default
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
+    if method == "slq" and pooling != "queries":
+        raise ValueError("method 'slq' pools by its queries; last-token pooling is 'zero_shot', 'lora' or 'full'")
+    if method in ("zero_shot", "full") and pooling != "last_token":
+        raise ValueError(f"method {method!r} pools by the last token (pooling: last_token)")
+    return pooling
+
+
+def apply_lora(adapter, spec: LoraSpec) -> list[torch.nn.Parameter]:
+    """Inject LoRA layers into the adapter's LLM (not the vision tower); returns their parameters."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    cfg = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=0.0, target_modules=list(spec.targets),
+                     bias="none")
+    inject_adapter_in_model(cfg, adapter.decoder)
+    params = []
+    for name, p in adapter.decoder.named_parameters():
+        trainable = "lora_" in name
+        p.requires_grad_(trainable)
+        if trainable:
+            params.append(p)
+    if not params:
+        raise ValueError(f"no LoRA target module among {spec.targets} in {adapter.source}")
+    adapter.decoder.to(adapter.device)
+    return params
+
+
+def unfreeze_llm(adapter) -> list[torch.nn.Parameter]:
+    """Full fine-tuning: every parameter of the LLM trains; the vision tower stays frozen."""
+    params = list(adapter.decoder.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def llm_delta(adapter, method: str) -> dict[str, torch.Tensor]:
+    """The LLM weights a method changed, to store beside the queries (empty for slq/zero_shot)."""
+    if method == "lora":
+        return {k: v.detach().float().cpu().contiguous() for k, v in adapter.decoder.state_dict().items()
+                if "lora_" in k}
+    if method == "full":
+        return {k: v.detach().float().cpu().contiguous() for k, v in adapter.decoder.state_dict().items()}
+    return {}
+
+
+def load_llm_delta(adapter, method: str, tensors: dict[str, torch.Tensor], lora: LoraSpec | None) -> None:
+    """Put a checkpoint's LLM weights into a freshly loaded backbone (LoRA layers injected first)."""
+    if method == "lora":
+        apply_lora(adapter, lora or LoraSpec())
+    if not tensors:
+        return
+    missing, unexpected = adapter.decoder.load_state_dict(
+        {k: v.to(adapter.dtype) for k, v in tensors.items()}, strict=False)
+    expected = {k for k in adapter.decoder.state_dict() if method == "full" or "lora_" in k}
+    lost = sorted(expected & set(missing))
+    if lost or unexpected:
+        raise ValueError(f"checkpoint LLM weights do not fit the backbone: missing {lost[:5]}, "
+                         f"unexpected {list(unexpected)[:5]}")
+    for p in adapter.decoder.parameters():
+        p.requires_grad_(False)

@@ -1,0 +1,119 @@
+"""The methods SLQ is compared with: one training step each on a tiny model, and what it changes."""
+
+import numpy as np
+import pytest
+import torch
+
+from slq.checkpoint import read_manifest
+from slq.encoder import SLQEncoder
+from slq.methods import SUMMARIZE_PROMPTS, check_method
+from slq.train import FitConfig, fit
+
+STEP = FitConfig(steps=2, batch_size=8, lr=1e-2, warmup_steps=0, save_every=1000, seed=1)
+
+
+def _snapshot(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def _changed(before, module):
+    return {n for n, p in module.named_parameters() if n in before and not torch.equal(before[n], p.detach())}
+
+
+@pytest.mark.parametrize("method", ["slq", "lora", "full"])
+def test_one_training_step_changes_exactly_what_the_method_trains(tiny_dirs, color_pairs, method, tmp_path):
+    enc = SLQEncoder.from_pretrained(tiny_dirs["qwen2_vl"], num_queries=4, seed=0, method=method)
+    model = enc.backbone.model
+    before = _snapshot(model)
+    q0 = enc.queries.weight.detach().clone() if enc.queries is not None else None
+    res = fit(enc, color_pairs, STEP, progress=False)
+    assert len(res.history) == 2 and np.isfinite(res.history[-1]["loss"])
+    changed = _changed(before, model)
+    vision = {n for n in changed if ".visual." in n or "vision" in n}
+    assert not vision, f"{method} changed the vision tower: {sorted(vision)[:3]}"
+    n_trainable = sum(p.numel() for p in enc.trainable_parameters())
+    if method == "slq":
+        assert not changed  # the backbone is frozen
+        assert not torch.equal(q0, enc.queries.weight)
+        assert n_trainable == 4 * enc.backbone.hidden_size
+    elif method == "lora":
+        assert not changed  # base weights untouched; only the injected LoRA layers move
+        lora = [n for n, p in model.named_parameters() if "lora_" in n]
+        assert lora and n_trainable == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        assert any("lora_B" in n and p.detach().abs().sum() > 0 for n, p in model.named_parameters())
+    else:
+        llm = {n for n in changed if "language_model" in n}
+        assert llm and llm == changed
+        assert n_trainable == sum(p.numel() for p in enc.backbone.decoder.parameters())
+
+    # The checkpoint records the method and reloads to the same embeddings.
+    out = enc.save(tmp_path / method, log_temp=res.log_temp)
+    assert read_manifest(out)["method"] == method
+    again = SLQEncoder.from_pretrained(queries=out)
+    assert again.method == method and again.pooling == enc.pooling
+    imgs = [p[0] for p in color_pairs[:3]]
+    np.testing.assert_allclose(again.encode_image(imgs, progress=False), enc.encode_image(imgs, progress=False),
+                               atol=1e-5)
+
+
+def test_zero_shot_uses_the_summarize_prompt_and_last_token_and_trains_nothing(tiny_dirs, color_pairs):
+    enc = SLQEncoder.from_pretrained(tiny_dirs["qwen2_vl"], method="zero_shot")
+    assert enc.queries is None and enc.pooling == "last_token"
+    assert enc.prompts.text == SUMMARIZE_PROMPTS["text"] and enc.prompts.add_generation_prompt
+    chat = enc.prepare(texts=["a red circle"])
+    text = enc.backbone.tokenizer.decode(chat["input_ids"][0])
+    assert text.rstrip().endswith("assistant") and "Summarize the above sentence in one word:" in text
+    emb = enc.encode_text(["a red circle", "a blue square"], progress=False)
+    assert emb.shape == (2, enc.backbone.hidden_size)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="nothing to train"):
+        fit(enc, color_pairs, STEP, progress=False)
+
+
+def test_lora_with_query_pooling_trains_both(tiny_dirs, color_pairs):
+    enc = SLQEncoder.from_pretrained(tiny_dirs["qwen2_vl"], num_queries=2, method="lora", pooling="queries")
+    q0 = enc.queries.weight.detach().clone()
+    fit(enc, color_pairs, STEP, progress=False)
+    assert not torch.equal(q0, enc.queries.weight)
+    names = [n for n, p in enc.backbone.model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+
+
+def test_bad_method_or_pooling_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown method 'clip'"):
+        check_method("clip", None)
+    with pytest.raises(ValueError, match="slq' pools by its queries"):
+        check_method("slq", "last_token")
+    with pytest.raises(ValueError, match="unknown pooling"):
+        check_method("lora", "cls")
+    assert check_method("full", None) == "last_token" and check_method("lora", "queries") == "queries"
+
+
+def _row(p1, k1, params, pooling="last_token"):
+    bench = {"world": {"t2i_R@1": p1, "t2i_R@5": p1, "t2i_R@10": p1, "i2t_R@1": p1},
+             "world_knowledge": {"t2i_R@1": k1, "t2i_R@5": k1, "t2i_R@10": k1, "i2t_R@1": k1}}
+    return {"budget": {"trainable_params": params, "pooling": pooling, "steps": 10, "step_time_mean": 0.1,
+                       "wall_time_s": 1.0, "peak_memory_gib": 0.5}, "benchmarks": bench}
+
+
+def test_comparison_table_states_what_the_numbers_say(tmp_path):
+    from slq.stages.compare import BEGIN, END, render, update_readme
+
+    rows = {"slq": _row(0.4, 0.1, 1025, "queries"), "zero_shot": _row(0.01, 0.0, 0),
+            "lora": _row(0.5, 0.2, 9000), "full": _row(0.6, 0.05, 90000)}
+    text = render(rows, ["world", "world_knowledge"])
+    assert "| slq | 0.400 | 0.400 | 0.400 | 0.400 | - | - | 0.100 |" in text
+    assert "best t2i R@1 is full (0.600)" in text and "best t2i R@1 is lora (0.200)" in text
+    assert "SLQ does not beat lora (t2i R@1 0.100 vs 0.200)" in text
+    assert "SLQ beats full (t2i R@1 0.100 vs 0.050)" in text
+    assert "slq keeps 25% of its plain t2i R@1 on world_knowledge" in text
+    assert "| zero_shot | last_token | 0 |" in text
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{BEGIN}\nold\n{END}\nrest\n")
+    assert update_readme(readme, text)
+    new = readme.read_text()
+    assert new.startswith("intro\n") and new.endswith(f"{END}\nrest\n") and "old" not in new and text in new
+    plain = tmp_path / "OTHER.md"
+    plain.write_text("no markers\n")
+    assert not update_readme(plain, text) and plain.read_text() == "no markers\n"
