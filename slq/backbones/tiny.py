@@ -53,9 +53,10 @@ _TINY_MAX_PIXELS = 112 * 112
 INIT_STD = 0.1
 
 
-def _text_cfg(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, **extra) -> dict:
+def _text_cfg(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, init_std: float = INIT_STD,
+              **extra) -> dict:
     return dict(
-        initializer_range=INIT_STD,
+        initializer_range=init_std,
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=hidden * 2,
@@ -75,7 +76,8 @@ def _qwen_tokenizer(corpus: Iterable[str], vocab_size: int):
     return fast
 
 
-def _qwen(model_type: str, corpus, vocab_size: int, hidden: int, layers: int):
+def _qwen(model_type: str, corpus, vocab_size: int, hidden: int, layers: int, *, vision_dim: int = 32,
+          vision_depth: int = 2, image_pixels: int | None = None, init_std: float = INIT_STD):
     import transformers as tf
 
     tokenizer = _qwen_tokenizer(corpus, vocab_size)
@@ -92,16 +94,18 @@ def _qwen(model_type: str, corpus, vocab_size: int, hidden: int, layers: int):
     section[0] += head_dim // 2 - sum(section)
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
     text = _text_cfg(
-        len(tokenizer), hidden, layers, 4, 2, rope_parameters=rope,
+        len(tokenizer), hidden, layers, 4, 2, init_std, rope_parameters=rope,
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
     )
     if model_type == "qwen2_vl":
-        vision = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2,
-                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        vision = dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden, num_heads=2, mlp_ratio=2,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, initializer_range=init_std)
         config = tf.Qwen2VLConfig(text_config=text, vision_config=vision, **common)
         model = tf.Qwen2VLForConditionalGeneration(config)
+        side = image_pixels or 0
         image_processor = tf.Qwen2VLImageProcessorPil(
-            min_pixels=_TINY_MIN_PIXELS, max_pixels=_TINY_MAX_PIXELS, patch_size=14, merge_size=2)
+            min_pixels=max(_TINY_MIN_PIXELS, side * side), max_pixels=max(_TINY_MAX_PIXELS, side * side),
+            patch_size=14, merge_size=2)
         processor_cls = tf.Qwen2VLProcessor
     elif model_type == "qwen2_5_vl":
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
@@ -115,12 +119,13 @@ def _qwen(model_type: str, corpus, vocab_size: int, hidden: int, layers: int):
     elif model_type == "qwen3_vl":
         text["head_dim"] = head_dim
         rope["mrope_interleaved"] = True
-        vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
+        vision = dict(depth=max(vision_depth, 2) if image_pixels else 3, hidden_size=vision_dim,
+                      intermediate_size=vision_dim * 2, num_heads=2, out_hidden_size=hidden,
                       patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-                      num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+                      num_position_embeddings=64, deepstack_visual_indexes=[0, 1], initializer_range=init_std)
         config = tf.Qwen3VLConfig(text_config=text, vision_config=vision, **common)
         model = tf.Qwen3VLForConditionalGeneration(config)
-        image_processor = _qwen3_image_processor()
+        image_processor = _qwen3_image_processor(image_pixels)
         processor_cls = tf.Qwen3VLProcessor
     else:  # pragma: no cover - guarded by the caller
         raise ValueError(model_type)
@@ -129,12 +134,13 @@ def _qwen(model_type: str, corpus, vocab_size: int, hidden: int, layers: int):
     return model, processor
 
 
-def _qwen3_image_processor():
+def _qwen3_image_processor(image_pixels: int | None = None):
     import transformers as tf
 
-    cls = getattr(tf, "Qwen2VLImageProcessorPil")
     # Qwen3-VL: patch 16 x merge 2 = 32 px units.
-    return cls(min_pixels=64 * 64, max_pixels=128 * 128, patch_size=16, merge_size=2,
+    side = image_pixels or 0
+    return tf.Qwen2VLImageProcessorPil(
+               min_pixels=max(64 * 64, side * side), max_pixels=max(128 * 128, side * side), patch_size=16, merge_size=2,
                image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
 
 
@@ -178,6 +184,10 @@ def build_tiny_backbone(
     num_layers: int = 2,
     vocab_size: int = 1024,
     corpus: Iterable[str] = (),
+    vision_dim: int = 32,
+    vision_depth: int = 2,
+    image_pixels: int | None = None,
+    init_std: float = INIT_STD,
 ) -> Path:
     """Build, save and return the directory of a tiny random model of `model_type`.
 
@@ -195,7 +205,8 @@ def build_tiny_backbone(
     if model_type == "llava":
         model, processor = _llava(corpus, vocab_size, hidden_size, num_layers)
     else:
-        model, processor = _qwen(model_type, corpus, vocab_size, hidden_size, num_layers)
+        model, processor = _qwen(model_type, corpus, vocab_size, hidden_size, num_layers, vision_dim=vision_dim,
+                                 vision_depth=vision_depth, image_pixels=image_pixels, init_std=init_std)
 
     def write(tmp: Path):
         model.save_pretrained(tmp)
