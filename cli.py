@@ -73,7 +73,7 @@ def _table(title: str, rows: list[dict], columns: list[str] | None = None):
     _console().print(t)
 
 
-def _run_stages(cfg, names: list[str]):
+def _run_stages(cfg, names: list[str], method: Optional[str] = None):
     from slq.pipeline import run_stage
     from slq.stages.validate import ValidationFailed
 
@@ -81,7 +81,7 @@ def _run_stages(cfg, names: list[str]):
     for name in names:
         _console().rule(f"[bold]{name}")
         try:
-            results[name] = run_stage(name, cfg)
+            results[name] = run_stage(name, cfg, method) if method else run_stage(name, cfg)
         except ValidationFailed as e:
             _fail(f"validation failed; nothing downstream was run or overwritten.\n{e}")
         except (FileNotFoundError, ValueError) as e:
@@ -93,7 +93,8 @@ def _run_stages(cfg, names: list[str]):
 def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
         start: Optional[str] = typer.Option(None, "--from", help="First stage to run."),
         stop: Optional[str] = typer.Option(None, "--to", help="Last stage to run.")):
-    """Run the whole pipeline in this process: data -> validate -> train -> embed -> index -> evaluate -> register.
+    """Run the whole pipeline in this process: data -> validate -> pretrain -> train -> embed -> index ->
+    evaluate -> methods -> compare -> register.
 
     (`dvc repro` runs the same stages, skipping those whose inputs did not change.)
     """
@@ -115,15 +116,20 @@ def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
 
 
 @app.command()
-def stage(name: str = typer.Argument(..., help="validate | train | embed | index | evaluate | register"),
+def stage(name: str = typer.Argument(..., help="validate | pretrain | train | embed | index | evaluate | methods | "
+                                                  "compare | register"),
+          method: Optional[str] = typer.Option(None, help="methods stage: run this one method (zero_shot, lora, "
+                                                          "full) instead of every one in methods.compare"),
           params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt):
     """Run one stage (what each dvc.yaml stage calls)."""
     from slq.pipeline import STAGES
 
     if name not in STAGES:
         _fail(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    if method is not None and name != "methods":
+        _fail("--method applies to the methods stage only")
     cfg = _config(params, set_)
-    res = _run_stages(cfg, [name])[name]
+    res = _run_stages(cfg, [name], method)[name]
     _console().print_json(json.dumps(res, default=str))
 
 

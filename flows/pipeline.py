@@ -16,7 +16,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from slq.pipeline import STAGES, run_stage
 
-RETRIES = {"validate": 0, "train": 1, "embed": 1, "index": 2, "evaluate": 1, "register": 2}
+RETRIES = {"validate": 0, "pretrain": 1, "train": 1, "embed": 1, "index": 2, "evaluate": 1, "methods": 1,
+           "compare": 1, "register": 2}
 
 
 def _retryable(task_, task_run, state) -> bool:
@@ -63,6 +64,13 @@ def publish(results: dict) -> None:
     ev = results.get("evaluate", {})
     rows = [{"metric": k, "value": round(float(v), 4)} for k, v in ev.items() if isinstance(v, (int, float))]
     create_table_artifact(key="slq-metrics", table=rows, description="Retrieval metrics of this run")
+    cmp = results.get("compare", {})
+    if cmp:
+        table = [{"method": m, **{f"{b}.{k}": round(float(v), 4) for b, ms in r.items() if b != "budget"
+                                  for k, v in ms.items() if k.startswith(("t2i_R@", "i2t_R@"))},
+                  "trainable_params": r["budget"].get("trainable_params")} for m, r in cmp.items()]
+        create_table_artifact(key="slq-methods", table=table,
+                              description="SLQ beside zero-shot, LoRA and full fine-tuning (plain and knowledge)")
     reg = results.get("register", {})
     if reg:
         create_markdown_artifact(
@@ -76,7 +84,8 @@ def publish(results: dict) -> None:
 def deployment(name: str = "slq-nightly", cron: str = "0 3 * * *", params: str = "params.yaml"):
     """The scheduled deployment of the flow (a cron schedule; parameters = the params file)."""
     return slq_pipeline.to_deployment(name=name, cron=cron, parameters={"params": params},
-                                      description="SLQ pipeline: validate, train, embed, index, evaluate, register")
+                                      description="SLQ pipeline: validate, pretrain, train, embed, index, evaluate, "
+                                                  "methods, compare, register")
 
 
 def serve_deployment(name: str = "slq-nightly", cron: str = "0 3 * * *", params: str = "params.yaml"):

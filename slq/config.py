@@ -33,11 +33,42 @@ class DataConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """The built-in backbone: a tiny MLLM of a real class, pretrained generatively on the world
+    (slq.pretrain). Only used when backbone.path is this stage's `out`."""
+
+    out: str = "models/tiny-qwen3-vl"  # save_pretrained folder (DVC output)
+    metrics: str = "metrics/pretrain.json"
+    history: str = "metrics/pretrain_history.csv"
+    model_type: str = "qwen3_vl"
+    hidden_size: int = 128
+    num_layers: int = 4
+    vision_dim: int = 64
+    vision_depth: int = 2
+    vocab_size: int = 1024
+    image_pixels: int = 96  # side the processor resizes world images to (patch x merge units)
+    n_scenes: int = 6000  # pretraining scenes, none of them a val or test scene
+    image_size: int = 64  # rendered side (as data.image_size)
+    steps: int = 850
+    batch_size: int = 48
+    lr: float = 4e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    # task -> share of examples: captioning, questions about an image / a caption, caption
+    # paraphrase, knowledge-phrased description -> plain words, fact sentences (slq.pretrain)
+    mix: dict = field(default_factory=lambda: {"caption": 0.45, "qa_image": 0.25, "qa_text": 0.06,
+                                               "describe_text": 0.1, "knowledge_text": 0.08, "facts": 0.06})
+    log_every: int = 25
+
+
+@dataclass
 class BackboneConfig:
     """The frozen MLLM: a local Hugging Face checkpoint directory."""
 
-    path: str = "models/tiny-qwen2-vl"
-    builtin: str | None = "qwen2_vl"  # build this tiny random model at `path` when it is missing
+    path: str = "models/tiny-qwen3-vl"
+    builtin: bool = True  # `path` is the built-in backbone, made by the pretrain stage when missing
     dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
     device: str = "auto"
 
@@ -79,7 +110,25 @@ class TrainConfig:
     save_every: int = 100
     seed: int = 0
     split_forward: bool = True
+    method: str = "slq"  # slq | zero_shot | lora | full (slq.methods)
+    pooling: str | None = None  # the method's default: queries for slq, last_token otherwise
+    lora_r: int = 8
+    lora_alpha: int = 16
 
+
+@dataclass
+class MethodsConfig:
+    """What SLQ is compared with: each method trained with `train`'s data, steps and batch (only
+    the learning rate is its own), evaluated on the same benchmarks, logged as its own MLflow run."""
+
+    compare: list[str] = field(default_factory=lambda: ["zero_shot", "lora", "full"])
+    out: str = "checkpoints/methods"  # <out>/<method>: checkpoint folders
+    metrics: str = "metrics/methods"  # <metrics>/<method>.json
+    lr: dict = field(default_factory=lambda: {"lora": 1e-3, "full": 2e-4})
+    pooling: dict = field(default_factory=lambda: {"lora": "last_token"})
+    benchmarks: list[str] = field(default_factory=lambda: ["world", "world_knowledge"])
+    report: str = "reports/methods.md"  # the comparison table (also written into the README)
+    readme: str | None = "README.md"  # its table between the slq:methods markers; null to leave it
 
 @dataclass
 class EmbedConfig:
@@ -126,12 +175,14 @@ class RegisterConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    methods: MethodsConfig = field(default_factory=MethodsConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     root: str = "."  # the project directory every relative path is taken from
 

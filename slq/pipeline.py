@@ -1,6 +1,9 @@
 """The pipeline's stages in data order, and the one function every entry point calls.
 
-    data -> validate -> train -> embed -> index -> evaluate -> register
+    data -> validate -> pretrain -> train -> embed -> index -> evaluate -> methods -> compare -> register
+
+(pretrain makes the built-in backbone; methods and compare put SLQ beside zero-shot, LoRA and
+full fine-tuning.)
 
 dvc.yaml (`python cli.py stage <name>`), the Prefect flow (flows/pipeline.py) and the CLI
 (`slq run`, `slq stage <name>`) all go through `run_stage`; nothing is written twice.
@@ -13,7 +16,7 @@ from pathlib import Path
 
 from slq.config import Config
 
-STAGES = ("validate", "train", "embed", "index", "evaluate", "register")
+STAGES = ("validate", "pretrain", "train", "embed", "index", "evaluate", "methods", "compare", "register")
 
 
 def ensure_data(cfg: Config, regenerate: bool = False) -> Path:
@@ -31,17 +34,21 @@ def ensure_data(cfg: Config, regenerate: bool = False) -> Path:
     return generate_world(cfg.data, root)
 
 
-def run_stage(name: str, cfg: Config) -> dict:
-    """Run one stage by name; returns its summary (metrics, paths)."""
+def run_stage(name: str, cfg: Config, method: str | None = None) -> dict:
+    """Run one stage by name; returns its summary (metrics, paths). `method`: the methods stage's
+    one method (dvc.yaml runs one per stage); default every method in methods.compare."""
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    if method is not None and name != "methods":
+        raise ValueError(f"--method applies to the methods stage only, not {name!r}")
     if name == "validate":
         ensure_data(cfg)
     if name == "register":
         return register(cfg)
     import importlib
 
-    return importlib.import_module(f"slq.stages.{name}").run(cfg)
+    module = importlib.import_module(f"slq.stages.{name}")
+    return module.run(cfg, method) if name == "methods" else module.run(cfg)
 
 
 def run_pipeline(cfg: Config, start: str | None = None, stop: str | None = None, on_stage=None) -> dict:

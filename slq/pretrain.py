@@ -251,7 +251,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, *, exclude: set = frozenset(),
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
-        rec = {"step": step + 1, "loss": float(loss), "lr": sched.get_last_lr()[0], "grad_norm": float(gn),
+        rec = {"step": step + 1, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0], "grad_norm": float(gn),
                "step_time": time.perf_counter() - ts}
         history.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}")

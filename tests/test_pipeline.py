@@ -18,13 +18,15 @@ SMALL = {
     "data": {"n_train": 48, "n_val": 8, "n_test": 24, "image_size": 64},
     "train": {"steps": 6, "batch_size": 8, "save_every": 3, "warmup_steps": 2, "num_queries": 4},
     "embed": {"batch_size": 16},
+    "pretrain": {"hidden_size": 32, "num_layers": 2, "vision_dim": 32, "vocab_size": 600, "image_pixels": 96,
+                 "n_scenes": 100, "steps": 6, "batch_size": 8, "warmup_steps": 2},
 }
 
 
 def make_project(dest: Path) -> Path:
     """A copy of the project's pipeline files with a reduced params.yaml."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("cli.py", "dvc.yaml"):
+    for name in ("cli.py", "dvc.yaml", "README.md"):
         shutil.copy(REPO / name, dest / name)
     for pkg in ("slq", "flows"):
         shutil.copytree(REPO / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__"))
@@ -59,9 +61,13 @@ def repro(tmp_path_factory):
 
 def test_dvc_repro_runs_every_stage(repro):
     proj, out = repro
-    for stage in ("validate", "train", "embed", "index", "evaluate", "register"):
+    for stage in ("validate", "pretrain", "train", "embed", "index", "evaluate", "methods@zero_shot",
+                  "methods@lora", "methods@full", "compare", "register"):
         assert f"Running stage '{stage}'" in out
     assert json.loads((proj / "reports/validate.json").read_text())["success"] is True
+    pre = json.loads((proj / "metrics/pretrain.json").read_text())
+    assert pre["steps"] == 6 and pre["sample"]["generated"] is not None and 0 <= pre["fact_accuracy"] <= 1
+    assert (proj / "models/tiny-qwen3-vl/model.safetensors").exists()
     assert (proj / "checkpoints/slq/queries.safetensors").exists()
     metrics = json.loads((proj / "metrics/eval.json").read_text())
     assert {"t2i_R@1", "i2t_R@10", "n_images"} <= set(metrics) and metrics["n_images"] == 24
@@ -75,6 +81,28 @@ def test_dvc_repro_runs_every_stage(repro):
     report = (proj / "reports/benchmarks/benchmarks.md").read_text()
     assert "| world_i2i | t2i_R@1 |" in report and "Checkpoint hash" in report
     assert (proj / "reports/benchmarks/pca_trained.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_methods_are_compared_in_the_report_the_readme_and_mlflow(repro):
+    from mlflow import MlflowClient
+
+    proj, _ = repro
+    table = (proj / "reports/methods.md").read_text()
+    for m in ("slq", "zero_shot", "lora", "full"):
+        assert f"| {m} |" in table
+    assert "world_knowledge t2i R@1" in table and "trainable params" in table
+    readme = (proj / "README.md").read_text()
+    assert table.split("# Methods compared\n\n", 1)[1] in readme  # the same table, written by dvc repro
+    cmp = json.loads((proj / "metrics/compare.json").read_text())
+    assert cmp["zero_shot"]["budget"]["trainable_params"] == 0
+    assert 0 < cmp["slq"]["budget"]["trainable_params"] < cmp["lora"]["budget"]["trainable_params"]
+    assert cmp["lora"]["budget"]["trainable_params"] < cmp["full"]["budget"]["trainable_params"]
+    client = MlflowClient(f"sqlite:///{proj / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("slq")
+    runs = client.search_runs([exp.experiment_id], "tags.stage = 'methods'")
+    assert sorted(r.data.tags["method"] for r in runs) == ["full", "lora", "zero_shot"]
+    lora = next(r for r in runs if r.data.tags["method"] == "lora")
+    assert "world_knowledge.t2i_R_at_1" in lora.data.metrics and "budget.step_time_mean" in lora.data.metrics
 
 
 def test_rescoring_with_other_ks_does_not_re_embed(repro):
@@ -107,7 +135,8 @@ def test_second_repro_does_nothing_and_param_change_reruns_from_train(repro):
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = dvc("repro", cwd=proj).stdout
     assert "Running stage 'validate'" not in out
-    for stage in ("train", "embed", "index", "evaluate", "register"):
+    assert "Running stage 'pretrain'" not in out  # the backbone is cached
+    for stage in ("train", "embed", "index", "evaluate", "compare", "register"):
         assert f"Running stage '{stage}'" in out
     reg = json.loads((proj / "reports/register.json").read_text())
     assert reg["version"] == 2  # a new registered version; promoted only if it beat the champion
@@ -175,19 +204,22 @@ def test_prefect_flow_runs_the_same_stages(tmp_path, prefect_harness):
     proj = make_project(tmp_path / "flowproj")
     sh(sys.executable, "cli.py", "data", "generate", cwd=proj)
     results = slq_pipeline(params=str(proj / "params.yaml"))
-    assert list(results) == ["validate", "train", "embed", "index", "evaluate", "register"]
+    assert list(results) == ["validate", "pretrain", "train", "embed", "index", "evaluate", "methods", "compare",
+                             "register"]
     assert (proj / "metrics/eval.json").exists() and results["register"]["version"] == 1
+    assert set(results["methods"]) == {"zero_shot", "lora", "full"}
 
     import asyncio
 
-    async def read_artifact():
+    async def read_artifact(key="slq-metrics"):
         async with get_client() as client:
             from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["slq-metrics"])))
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
 
     arts = asyncio.run(read_artifact())
     assert arts and "t2i_R@1" in str(arts[0].data)
+    assert "world_knowledge.t2i_R@1" in str(asyncio.run(read_artifact("slq-methods"))[0].data)
 
 
 def test_scheduled_deployment_registers_with_its_cron(prefect_harness):

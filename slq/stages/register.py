@@ -198,6 +198,7 @@ def run(
     nums = {metric_key(k): n for k, v in metrics.items() if (n := _number(v)) is not None}
     run_tags = {
         "git_commit": git_commit(cfg.root),
+        "method": str(manifest.get("method", "slq")),
         "checkpoint_hash": checkpoint_hash(ckpt),
         "backbone": str(backbone),
         **{f"metric.{k}": str(v) for k, v in metrics.items() if _number(v) is None},

@@ -20,30 +20,37 @@ from slq.io import file_sha256, write_json_atomic
 
 
 def ensure_backbone(cfg: Config) -> Path:
-    """The backbone directory; the built-in tiny model is built there when it is missing."""
+    """The backbone directory; the built-in one is pretrained there (pretrain stage) when missing."""
     path = cfg.path(cfg.backbone.path)
     if (path / "config.json").is_file():
         return path
-    if not cfg.backbone.builtin:
+    from slq.stages import pretrain
+
+    if not pretrain.is_builtin(cfg):
         raise FileNotFoundError(
             f"backbone directory {path} not found: set backbone.path in params.yaml to a local Hugging Face "
-            "checkpoint folder (or backbone.builtin to a tiny model type to build one)"
+            f"checkpoint folder (or to pretrain.out, {cfg.pretrain.out}, for the built-in pretrained one)"
         )
-    from slq.backbones.tiny import build_tiny_backbone
-    from slq.data.world import load_manifest
-
-    root = cfg.path(cfg.data.root)
-    corpus = [r["caption"] for r in load_manifest(root, cfg.data.manifest)] if (root / cfg.data.manifest).exists() else []
-    return build_tiny_backbone(cfg.backbone.builtin, path, corpus=corpus)
+    print(f"backbone {path} missing: pretraining the built-in one (the pretrain stage)", flush=True)
+    pretrain.run(cfg)
+    return path
 
 
-def load_encoder(cfg: Config, queries: Path | None = None):
+def load_encoder(cfg: Config, queries: Path | None = None, method: str | None = None):
+    """The encoder for `method` (default train.method) on the configured backbone, or a checkpoint's."""
     from slq.encoder import SLQEncoder
+    from slq.methods import LoraSpec
 
     t = cfg.train
+    method = method or t.method
+    pooling = t.pooling if method == t.method else cfg.methods.pooling.get(method)
+    prompts = asdict(cfg.prompts)
+    if (pooling or ("queries" if method == "slq" else "last_token")) == "last_token":
+        prompts = None  # the method's instruction prompt (slq.methods.SUMMARIZE_PROMPTS)
     return SLQEncoder.from_pretrained(
         ensure_backbone(cfg), queries, num_queries=t.num_queries, init=t.init, seed=t.seed,
-        prompts=asdict(cfg.prompts), dtype=cfg.backbone.dtype, device=cfg.backbone.device,
+        prompts=prompts if queries is None else None, dtype=cfg.backbone.dtype, device=cfg.backbone.device,
+        method=method, pooling=pooling, lora=LoraSpec(r=t.lora_r, alpha=t.lora_alpha),
     )
 
 
@@ -61,6 +68,19 @@ def data_hash(cfg: Config) -> str:
 
 
 def run(cfg: Config) -> dict:
+    """Train `train.method` (default slq) into `train.out`."""
+    t = cfg.train
+    return train_method(cfg, t.method, cfg.path(t.out), lr=t.lr, metrics_path=cfg.path(t.metrics),
+                        history_path=cfg.path(t.history))
+
+
+def train_method(cfg: Config, method: str, out: Path, *, lr: float, metrics_path: Path,
+                 history_path: Path | None = None) -> dict:
+    """Train one method on the training split with `train`'s budget; write its checkpoint and metrics.
+
+    Budget metrics are the same for every method: trainable parameters, mean step time, wall time
+    and peak memory (GPU: allocator peak; CPU: the process's peak resident set).
+    """
     import torch
 
     from slq.checkpoint import checkpoint_hash
@@ -70,41 +90,68 @@ def run(cfg: Config) -> dict:
     init_distributed_from_env()
     root = cfg.path(cfg.data.root)
     data = [{"image": root / r["image"], "caption": r["caption"], "id": r["id"]} for r in split_rows(cfg, "train")]
-    enc = load_encoder(cfg)
+    enc = load_encoder(cfg, method=method)
     fit_cfg = FitConfig(**{f.name: getattr(t, f.name) for f in fields(FitConfig)})  # the loop's share of `train`
-    fingerprint = hashlib.sha256(json.dumps(
-        [asdict(t), data_hash(cfg), str(enc.backbone.source), asdict(cfg.prompts)], sort_keys=True).encode()
-    ).hexdigest()[:12]
-    work = cfg.path(t.work_dir) / fingerprint
-    if enc.backbone.device.type == "cuda":
+    fit_cfg.lr = lr
+    cuda = enc.backbone.device.type == "cuda"
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    result = fit(enc, data, fit_cfg, work)
+    hist, result = [], None
+    if method != "zero_shot":
+        fingerprint = hashlib.sha256(json.dumps(
+            [asdict(t), method, lr, data_hash(cfg), str(enc.backbone.source), asdict(cfg.prompts)], sort_keys=True
+        ).encode()).hexdigest()[:12]
+        work = cfg.path(t.work_dir) / fingerprint
+        result = fit(enc, data, fit_cfg, work)
+        hist = result.history
     wall = time.perf_counter() - t0
-    hist = result.history
     metrics = {
-        "final_loss": result.final_loss,
-        "loss_first10": sum(h["loss"] for h in hist[:10]) / max(1, len(hist[:10])),
-        "loss_last10": sum(h["loss"] for h in hist[-10:]) / max(1, len(hist[-10:])),
-        "temperature": hist[-1]["temperature"] if hist else t.temperature,
-        "steps": result.steps,
-        "resumed_from": result.resumed_from,
-        "trainable_params": enc.queries.weight.numel() + 1,
-        "step_time_mean": sum(h["step_time"] for h in hist) / max(1, len(hist)),
+        "method": method,
+        "pooling": enc.pooling,
+        "final_loss": result.final_loss if result else None,
+        "loss_first10": _mean(h["loss"] for h in hist[:10]),
+        "loss_last10": _mean(h["loss"] for h in hist[-10:]),
+        "temperature": hist[-1]["temperature"] if hist else None,
+        "steps": result.steps if result else 0,
+        "resumed_from": result.resumed_from if result else 0,
+        "lr": lr if result else None,
+        "trainable_params": sum(p.numel() for p in enc.trainable_parameters()) + (1 if result else 0),
+        "step_time_mean": _mean(h["step_time"] for h in hist),
         "wall_time_s": wall,
-        "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2**30 if enc.backbone.device.type == "cuda"
-                            else None),
+        "peak_memory_gib": _peak_memory_gib(cuda),
+        "peak_memory_kind": "cuda_allocated" if cuda else "process_rss",
         "n_pairs": len(data),
     }
-    out = enc.save(cfg.path(t.out), log_temp=result.log_temp, training=asdict(fit_cfg),
+    manifest_training = {**asdict(fit_cfg), "method": method} if result else {"method": method, "trained": False}
+    out = enc.save(out, log_temp=result.log_temp if result else None, training=manifest_training,
                    data={"manifest": f"{cfg.data.root}/{cfg.data.manifest}", "manifest_sha256": data_hash(cfg),
                          "n_pairs": len(data)},
                    metrics={k: v for k, v in metrics.items() if v is not None})
     metrics["checkpoint_hash"] = checkpoint_hash(out)
-    write_json_atomic(cfg.path(t.metrics), metrics)
-    _write_history(cfg.path(t.history), hist)
-    shutil.rmtree(work, ignore_errors=True)  # finished: nothing left to resume
+    write_json_atomic(metrics_path, metrics)
+    if history_path is not None:
+        _write_history(history_path, hist)
+    if result is not None:
+        shutil.rmtree(work, ignore_errors=True)  # finished: nothing left to resume
     return metrics
+
+
+def _mean(xs) -> float | None:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def _peak_memory_gib(cuda: bool) -> float:
+    import torch
+
+    if cuda:
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def _write_history(path: Path, hist: list[dict]) -> None:

@@ -1,0 +1,139 @@
+"""Compare stage: SLQ beside zero-shot, LoRA and full fine-tuning, on plain and knowledge retrieval.
+
+Reads the train stage's budget (metrics/train.json), scores SLQ's checkpoint on the comparison
+benchmarks (through the embedding cache the evaluate stage filled), reads each method's metrics,
+and writes the table as markdown (`methods.report`), as DVC metrics (`metrics/compare.json`) and
+into the README between the `slq:methods` markers. The text under the table is generated from the
+numbers: which method leads where, and how much of its plain recall each keeps on the knowledge
+split; nothing in it is written by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from slq.config import Config
+from slq.io import write_json_atomic, write_text_atomic
+
+BEGIN = "<!-- slq:methods:begin (written by the compare stage; do not edit) -->"
+END = "<!-- slq:methods:end -->"
+KS = ("R@1", "R@5", "R@10")
+METRICS_OUT = "metrics/compare.json"
+
+
+def run(cfg: Config) -> dict:
+    from slq.stages.methods import evaluate_checkpoint
+
+    mc = cfg.methods
+    rows = {}
+    slq_budget = json.loads(cfg.path(cfg.train.metrics).read_text())
+    rows[cfg.train.method] = {"budget": slq_budget,
+                              "benchmarks": evaluate_checkpoint(cfg, cfg.path(cfg.train.out), mc.benchmarks)}
+    for m in mc.compare:
+        path = cfg.path(mc.metrics) / f"{m}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run the methods stage for {m!r} first "
+                                    f"(dvc repro methods@{m}, or slq stage methods --method {m})")
+        rows[m] = json.loads(path.read_text())
+    table = render(rows, mc.benchmarks)
+    backbone_note = _backbone_note(cfg)
+    text = f"{table}\n{backbone_note}" if backbone_note else table
+    write_text_atomic(cfg.path(mc.report), "# Methods compared\n\n" + text)
+    summary = {m: {"budget": {k: r["budget"].get(k) for k in ("trainable_params", "step_time_mean", "wall_time_s",
+                                                                "peak_memory_gib", "steps")},
+                   **{b: r["benchmarks"].get(b, {}) for b in mc.benchmarks}} for m, r in rows.items()}
+    write_json_atomic(cfg.path(METRICS_OUT), summary)
+    if mc.readme:
+        update_readme(cfg.path(mc.readme), text)
+    return summary
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def render(rows: dict, benchmarks) -> str:
+    """The comparison as markdown: recall table, budget table, and what the numbers say."""
+    lines = []
+    heads = []
+    for b in benchmarks:
+        heads += [f"{b} t2i {k}" for k in KS] + [f"{b} i2t {k}" for k in KS]
+    lines.append("| method | " + " | ".join(heads) + " |")
+    lines.append("|---|" + "---:|" * len(heads))
+    for m, r in rows.items():
+        vals = []
+        for b in benchmarks:
+            ms = r["benchmarks"].get(b, {})
+            vals += [_fmt(ms.get(f"t2i_{k}")) for k in KS] + [_fmt(ms.get(f"i2t_{k}")) for k in KS]
+        lines.append(f"| {m} | " + " | ".join(vals) + " |")
+    lines += ["", "| method | pooling | trainable params | steps | step time (s) | wall time (s) | peak memory (GiB) |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for m, r in rows.items():
+        b = r["budget"]
+        lines.append(f"| {m} | {b.get('pooling', 'queries')} | {_fmt(b.get('trainable_params'))} | "
+                     f"{_fmt(b.get('steps'))} | {_fmt(b.get('step_time_mean'))} | {_fmt(b.get('wall_time_s'), 1)} | "
+                     f"{_fmt(b.get('peak_memory_gib'), 2)} ({b.get('peak_memory_kind', 'process_rss')}) |")
+    lines += ["", *reading(rows, benchmarks)]
+    return "\n".join(lines) + "\n"
+
+
+def _r1(r: dict, bench: str) -> float | None:
+    v = r["benchmarks"].get(bench, {}).get("t2i_R@1")
+    return v if isinstance(v, (int, float)) else None
+
+
+def reading(rows: dict, benchmarks) -> list[str]:
+    """Plain statements read off the table (t2i R@1): leaders, SLQ against each, knowledge retention."""
+    out = []
+    plain, know = (benchmarks[0], benchmarks[1]) if len(benchmarks) > 1 else (benchmarks[0], None)
+    for bench in [b for b in (plain, know) if b]:
+        scored = {m: v for m, r in rows.items() if (v := _r1(r, bench)) is not None}
+        if scored:
+            best = max(scored, key=scored.get)
+            out.append(f"- **{bench}**: best t2i R@1 is {best} ({scored[best]:.3f}); "
+                       + ", ".join(f"{m} {v:.3f}" for m, v in scored.items() if m != best) + ".")
+    if "slq" in rows and know:
+        s_k = _r1(rows["slq"], know)
+        for m in (m for m in rows if m in ("lora", "full", "zero_shot")):
+            o_k = _r1(rows[m], know)
+            if s_k is None or o_k is None:
+                continue
+            verdict = "beats" if s_k > o_k else ("ties" if s_k == o_k else "does not beat")
+            out.append(f"- On {know}, SLQ {verdict} {m} (t2i R@1 {s_k:.3f} vs {o_k:.3f}).")
+        for m, r in rows.items():
+            p, k = _r1(r, plain), _r1(r, know)
+            if p and k is not None:
+                out.append(f"- {m} keeps {100 * k / p:.0f}% of its plain t2i R@1 on {know} ({k:.3f} / {p:.3f}).")
+    return out
+
+
+def _backbone_note(cfg: Config) -> str:
+    """What the pretrained backbone itself knows (the pretrain stage's fact probe), when it ran."""
+    path = cfg.path(cfg.pretrain.metrics)
+    if not path.is_file():
+        return ""
+    m = json.loads(path.read_text())
+    if m.get("skipped") or "fact_accuracy" not in m:
+        return ""
+    return (f"- The frozen backbone completes {m['fact_accuracy']:.0%} of the world's fact sentences correctly "
+            f"({m.get('fact_probe', {}).get('n', '?')} probes; pretrain stage), so the knowledge the "
+            "knowledge split needs is in the backbone to the degree shown.\n")
+
+
+def update_readme(readme: Path, table: str) -> bool:
+    """Replace the text between the markers; a README without them is left alone (returns False)."""
+    if not readme.is_file():
+        return False
+    text = readme.read_text(encoding="utf-8")
+    if BEGIN not in text or END not in text:
+        return False
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    write_text_atomic(readme, f"{head}{BEGIN}\n{table}{END}{tail}")
+    return True

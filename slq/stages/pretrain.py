@@ -1,0 +1,95 @@
+"""Pretrain stage: the built-in backbone, a tiny MLLM pretrained generatively on the world.
+
+Writes a `save_pretrained` folder at `pretrain.out` (a DVC output, so later runs and other
+machines with the cache skip the work), plus metrics (loss, wall time, a caption the model writes
+for a training image) and the loss curve. Val and test scenes are never pretraining scenes.
+
+With your own backbone (backbone.path elsewhere, or backbone.builtin: false) nothing is trained:
+the folder gets a note saying so, so `dvc repro` still has its output.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+from slq.config import Config
+from slq.io import write_atomic_dir, write_json_atomic
+
+SKIPPED = "SKIPPED.txt"
+
+
+def is_builtin(cfg: Config) -> bool:
+    """Whether the configured backbone is the one this stage makes."""
+    return cfg.backbone.builtin and cfg.path(cfg.backbone.path) == cfg.path(cfg.pretrain.out)
+
+
+def held_out_scenes(cfg: Config) -> set:
+    """Scene keys of every non-train split: pretraining must never see them."""
+    from slq.data.world import SCENES, load_scenes
+    from slq.pretrain import scene_key
+
+    root = cfg.path(cfg.data.root)
+    if not (root / SCENES).is_file():
+        raise FileNotFoundError(f"{root / SCENES} not found: the pretrain stage needs the built-in world's scene "
+                                "file (run the validate stage, or `slq data generate`)")
+    return {scene_key(objs) for image_id, objs in load_scenes(root).items() if not image_id.startswith("train-")}
+
+
+def run(cfg: Config) -> dict:
+    p = cfg.pretrain
+    out = cfg.path(p.out)
+    if not is_builtin(cfg):
+        note = (f"Not pretrained: backbone.path is {cfg.backbone.path} (builtin: {cfg.backbone.builtin}), "
+                f"not the built-in {p.out}.\n")
+        write_atomic_dir(out, lambda tmp: (tmp / SKIPPED).write_text(note))
+        metrics = {"skipped": True, "reason": note.strip()}
+        write_json_atomic(cfg.path(p.metrics), metrics)
+        _write_history(cfg.path(p.history), [])
+        return metrics
+
+    from slq.data.world import load_manifest, load_scenes, render_scene
+    from slq.pretrain import describe_image, pretrain, probe_facts
+
+    exclude = held_out_scenes(cfg)
+    res = pretrain(p, out, exclude=exclude)
+    hist = res.history
+    root = cfg.path(cfg.data.root)
+    first = next(r for r in load_manifest(root, cfg.data.manifest) if r["split"] == "train")
+    scene = load_scenes(root)[first["image_id"]]
+    sample = describe_image(out, render_scene(scene, cfg.data.image_size, random.Random(0)))
+    probe = probe_facts(out)
+    metrics = {
+        "params": res.params,
+        "fact_accuracy": probe["accuracy"],
+        "fact_probe": probe,
+        "steps": len(hist),
+        "loss_first10": _mean(h["loss"] for h in hist[:10]),
+        "loss_last10": _mean(h["loss"] for h in hist[-10:]),
+        "step_time_mean": _mean(h["step_time"] for h in hist),
+        "wall_time_s": res.wall_time_s,
+        "held_out_scenes": len(exclude),
+        "sample": {"image_id": first["image_id"], "caption": first["caption"], "generated": sample},
+    }
+    (out / "pretrain.json").write_text(json.dumps({"config": asdict(p), "metrics": metrics}, indent=2) + "\n")
+    write_json_atomic(cfg.path(p.metrics), metrics)
+    _write_history(cfg.path(p.history), hist)
+    return metrics
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _write_history(path: Path, hist: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "grad_norm", "step_time"])
+        w.writeheader()
+        w.writerows(hist)
+    tmp.replace(path)
