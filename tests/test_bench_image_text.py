@@ -129,8 +129,7 @@ def test_coco_karpathy_first_five_captions_of_test_only(tmp_path):
     assert info["data_hash"] == files_hash([root / "dataset_coco.json"])
     assert info["partial"] is False and info["dropped"] == {}
     assert info["truncation"] == {"max_caption_words": None, "n_truncated": 0}
-    assert info["prompts"] == {"image": {"image": "", "add_generation_prompt": False},
-                               "text": {"text": "{text}", "add_generation_prompt": False}}
+    assert info["prompts"] == {"image": {}, "text": {}}  # {}: the checkpoint's own prompts
     assert info["paper"] == {"i2t_R@1": 69.6, "t2i_R@1": 55.4}
     images, texts = fake.corpora
     assert images.kind == "image" and [Path(p).name for p in images.items] == [
@@ -248,9 +247,9 @@ def test_prompt_override_is_used_and_recorded(tmp_path):
     fake = FakeEmbedder()
     res = get_benchmark("flickr30k")(karpathy_flickr(tmp_path), prompts={"text": {"text": "Caption: {text}"}}
                                      ).evaluate(fake)
-    want = {"text": "Caption: {text}", "add_generation_prompt": False}
+    want = {"text": "Caption: {text}"}
     assert res.info["prompts"]["text"] == want and fake.corpora[1].prompt == want
-    assert fake.corpora[0].prompt == {"image": "", "add_generation_prompt": False}
+    assert fake.corpora[0].prompt == {}
 
 
 # --- I2I ------------------------------------------------------------------------------------------

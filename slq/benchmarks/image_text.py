@@ -55,11 +55,10 @@ CURVE_K = 50  # curves cover recall at k = 1..max(CURVE_K, max(ks))
 N_EXAMPLES = 3  # examples quoted per problem in error messages
 
 # The paper's recipe: the chat template with no instruction, for texts and for plain images.
-DEFAULT_PROMPTS = {
-    "text": {"text": "{text}", "add_generation_prompt": False},
-    "image": {"image": "", "add_generation_prompt": False},
-    "rendered": {"image": "", "add_generation_prompt": False},  # I2I: captions drawn as images
-}
+# Roles (text, image, rendered = I2I captions drawn as images) are embedded with the prompts the
+# checkpoint was trained with unless a benchmark or its options say otherwise: a query bank is
+# trained for one prompt, and the methods it is compared with (E5-V style) have their own.
+DEFAULT_PROMPTS: dict[str, dict] = {}
 
 
 # --- the loaded test set --------------------------------------------------------------------------
