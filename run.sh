@@ -28,7 +28,7 @@ case "${1:-}" in
     . "$VENV/bin/activate"
     slq data generate          # the synthetic world (byte-identical to what data.dvc pins)
     start=$SECONDS
-    dvc repro                  # validate -> train -> embed -> index -> evaluate -> register
+    dvc repro                  # validate -> pretrain -> train -> embed -> index -> evaluate -> methods -> compare -> register
     echo "dvc repro took $(( SECONDS - start )) s"
     dvc metrics show
     ;;

@@ -205,8 +205,9 @@ class SLQEncoder(nn.Module):
 
     @contextlib.contextmanager
     def using_prompts(self, prompts: Prompts | dict | None):
-        """Temporarily encode with other prompts (e.g. a benchmark's own instruction)."""
-        if prompts is None:
+        """Temporarily encode with other prompts (e.g. a benchmark's own instruction); None or {}
+        keeps the encoder's own."""
+        if not prompts:
             yield self
             return
         saved = self.prompts

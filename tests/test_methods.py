@@ -117,3 +117,14 @@ def test_comparison_table_states_what_the_numbers_say(tmp_path):
     plain = tmp_path / "OTHER.md"
     plain.write_text("no markers\n")
     assert not update_readme(plain, text) and plain.read_text() == "no markers\n"
+
+
+def test_benchmarks_embed_with_the_checkpoints_own_prompts(tiny_dirs, tmp_path):
+    from slq.benchmarks.base import Corpus
+    from slq.benchmarks.cache import CachedEmbedder
+
+    enc = SLQEncoder.from_pretrained(tiny_dirs["qwen2_vl"], method="zero_shot")  # the summarize prompt
+    texts = ["a red circle on the left", "a blue square"]
+    cached = CachedEmbedder(enc, tmp_path, "h", batch_size=2).embed(Corpus("text", texts, {}, "d"))
+    np.testing.assert_allclose(cached, enc.encode_text(texts, progress=False), atol=1e-6)
+    assert enc.prompts.text == SUMMARIZE_PROMPTS["text"]  # unchanged afterwards
