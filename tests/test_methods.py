@@ -128,3 +128,16 @@ def test_benchmarks_embed_with_the_checkpoints_own_prompts(tiny_dirs, tmp_path):
     cached = CachedEmbedder(enc, tmp_path, "h", batch_size=2).embed(Corpus("text", texts, {}, "d"))
     np.testing.assert_allclose(cached, enc.encode_text(texts, progress=False), atol=1e-6)
     assert enc.prompts.text == SUMMARIZE_PROMPTS["text"]  # unchanged afterwards
+
+
+def test_cache_key_changes_with_the_encoders_prompts(tiny_dirs, tmp_path):
+    from slq.benchmarks.base import Corpus
+    from slq.benchmarks.cache import CachedEmbedder
+
+    enc = SLQEncoder.from_pretrained(tiny_dirs["qwen2_vl"], num_queries=2)
+    corpus = Corpus("text", ["a red circle"], {}, "d")
+    cache = CachedEmbedder(enc, tmp_path, "h", batch_size=2)
+    a = cache.embed(corpus)
+    enc.prompts = type(enc.prompts)(text="{text}\nDescribe the scene.", add_generation_prompt=True)
+    b = cache.embed(corpus)  # same checkpoint hash and corpus, other prompts: not a cache hit
+    assert cache.misses == 2 and not np.allclose(a, b)

@@ -23,9 +23,13 @@ class CachedEmbedder:
 
     def key(self, corpus: Corpus) -> str:
         items = [[str(x) for x in it] if isinstance(it, (tuple, list)) else str(it) for it in corpus.items]
-        blob = json.dumps([self.checkpoint_hash, corpus.kind, corpus.prompt, corpus.data_hash, items],
-                          sort_keys=True)
+        prompt = self.effective_prompt(corpus)  # what the items are really embedded with
+        blob = json.dumps([self.checkpoint_hash, corpus.kind, prompt, corpus.data_hash, items], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+    def effective_prompt(self, corpus: Corpus) -> dict:
+        """The encoder's prompts with the corpus's fields on top."""
+        return {**self.encoder.prompts.to_dict(), **(corpus.prompt or {})}
 
     def embed(self, corpus: Corpus) -> np.ndarray:
         path = self.dir / f"{self.key(corpus)}.npy"
@@ -34,7 +38,7 @@ class CachedEmbedder:
             return np.load(path)
         self.misses += 1
         enc, bs = self.encoder, self.batch_size
-        with enc.using_prompts(corpus.prompt and {**enc.prompts.to_dict(), **corpus.prompt}):
+        with enc.using_prompts(self.effective_prompt(corpus)):
             if corpus.kind == "text":
                 out = enc.encode_text(corpus.items, batch_size=bs)
             elif corpus.kind == "image":
