@@ -38,6 +38,7 @@ class LoraSpec:
     r: int = 8
     alpha: int = 16
     targets: list = field(default_factory=lambda: list(LORA_TARGETS))
+    seed: int = 0  # LoRA's A matrices start random: seeded, so a rerun trains the same adapters
 
 
 def check_method(method: str, pooling: str | None) -> str:
@@ -61,7 +62,9 @@ def apply_lora(adapter, spec: LoraSpec) -> list[torch.nn.Parameter]:
 
     cfg = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=0.0, target_modules=list(spec.targets),
                      bias="none")
-    inject_adapter_in_model(cfg, adapter.decoder)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random stream alone
+        torch.manual_seed(spec.seed)
+        inject_adapter_in_model(cfg, adapter.decoder)
     params = []
     for name, p in adapter.decoder.named_parameters():
         trainable = "lora_" in name

@@ -141,3 +141,15 @@ def test_cache_key_changes_with_the_encoders_prompts(tiny_dirs, tmp_path):
     enc.prompts = type(enc.prompts)(text="{text}\nDescribe the scene.", add_generation_prompt=True)
     b = cache.embed(corpus)  # same checkpoint hash and corpus, other prompts: not a cache hit
     assert cache.misses == 2 and not np.allclose(a, b)
+
+
+def test_lora_init_is_seeded(tiny_dirs):
+    def lora_a(seed):
+        enc = SLQEncoder.from_pretrained(tiny_dirs["qwen2_vl"], method="lora", lora={"seed": seed})
+        enc.make_trainable()
+        return torch.cat([p.detach().flatten() for n, p in enc.backbone.model.named_parameters() if "lora_A" in n])
+
+    torch.manual_seed(123)  # the global stream must not matter
+    a = lora_a(0)
+    torch.manual_seed(456)
+    assert torch.equal(a, lora_a(0)) and not torch.equal(a, lora_a(1))

@@ -76,8 +76,11 @@ def render(rows: dict, benchmarks) -> str:
               "|---|---|---:|---:|---:|---:|---:|"]
     for m, r in rows.items():
         b = r["budget"]
+        wall = _fmt(b.get("wall_time_s"), 1)
+        if b.get("resumed_from"):
+            wall += f" (resumed at step {b['resumed_from']})"
         lines.append(f"| {m} | {b.get('pooling', 'queries')} | {_fmt(b.get('trainable_params'))} | "
-                     f"{_fmt(b.get('steps'))} | {_fmt(b.get('step_time_mean'))} | {_fmt(b.get('wall_time_s'), 1)} | "
+                     f"{_fmt(b.get('steps'))} | {_fmt(b.get('step_time_mean'))} | {wall} | "
                      f"{_fmt(b.get('peak_memory_gib'), 2)} ({b.get('peak_memory_kind', 'process_rss')}) |")
     lines += ["", *reading(rows, benchmarks)]
     return "\n".join(lines) + "\n"

@@ -50,7 +50,7 @@ def load_encoder(cfg: Config, queries: Path | None = None, method: str | None = 
     return SLQEncoder.from_pretrained(
         ensure_backbone(cfg), queries, num_queries=t.num_queries, init=t.init, seed=t.seed,
         prompts=prompts if queries is None else None, dtype=cfg.backbone.dtype, device=cfg.backbone.device,
-        method=method, pooling=pooling, lora=LoraSpec(r=t.lora_r, alpha=t.lora_alpha),
+        method=method, pooling=pooling, lora=LoraSpec(r=t.lora_r, alpha=t.lora_alpha, seed=t.seed),
     )
 
 
