@@ -45,6 +45,18 @@ def write_json_atomic(path: str | Path, obj) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def write_csv_atomic(path: str | Path, rows: list[dict], fieldnames: list[str]) -> Path:
+    """Rows as CSV with a header, written whole or not at all (e.g. a per-step history)."""
+    import csv
+    import io
+
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=fieldnames)
+    w.writeheader()
+    w.writerows(rows)
+    return write_text_atomic(path, buf.getvalue())
+
+
 def write_atomic_dir(out_dir: str | Path, write_fn) -> Path:
     """Call write_fn(tmp_dir) on a fresh sibling folder, then swap it in for out_dir."""
     out_dir = Path(out_dir)

@@ -209,7 +209,6 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, *, exclude: set = frozenset(),
     import torch
     from tqdm import tqdm
 
-    from slq.backbones.base import load_processor
     from slq.io import write_atomic_dir
 
     torch.manual_seed(cfg.seed)
@@ -219,11 +218,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, *, exclude: set = frozenset(),
     out_dir = Path(out_dir)
     init_dir = out_dir.with_name(f".{out_dir.name}.init")
     build_model(cfg, corpus_text(scenes, cfg.seed), init_dir)
-
-    import transformers as tf
-
-    model = tf.AutoModelForImageTextToText.from_pretrained(str(init_dir), dtype=torch.float32)
-    processor = load_processor(init_dir, _processor_name(cfg.model_type))
+    model, processor = load_generative(init_dir)
     batcher = Batcher(processor, images)
     kinds, weights = zip(*sorted(cfg.mix.items()))
     model.train()
@@ -291,15 +286,23 @@ def _processor_name(model_type: str) -> str:
     return get_adapter_class(model_type).processor_cls
 
 
-def describe_image(model_dir: Path, image, max_new_tokens: int = 48) -> str:
-    """Greedy caption of one image by a pretrained backbone (the captioning task's prompt)."""
+def load_generative(model_dir: Path) -> tuple:
+    """(model with its LM head, processor) of a saved backbone, for generating text with it."""
     import torch
     import transformers as tf
 
     from slq.backbones.base import load_processor, read_model_type
 
     model = tf.AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    processor = load_processor(model_dir, _processor_name(read_model_type(model_dir)))
+    return model, load_processor(model_dir, _processor_name(read_model_type(model_dir)))
+
+
+def describe_image(backbone, image, max_new_tokens: int = 48) -> str:
+    """Greedy caption of one image (the captioning task's prompt). `backbone`: a saved model's
+    folder, or what load_generative returned for it."""
+    import torch
+
+    model, processor = backbone if isinstance(backbone, tuple) else load_generative(backbone)
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": DESCRIBE}]}]
     text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     inputs = processor(text=[text], images=[image], return_tensors="pt")
@@ -310,21 +313,16 @@ def describe_image(model_dir: Path, image, max_new_tokens: int = 48) -> str:
     return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-
-
-def probe_facts(model_dir: Path) -> dict:
+def probe_facts(backbone) -> dict:
     """Does the backbone know the world's facts? Greedy completion of each fact sentence's stem.
 
     "the shape with three sides is called a" -> "triangle"; "the colour of a clear sky is" ->
     "blue". Returns {"accuracy", "n", "wrong": [(stem, expected, got)]}.
     """
     import torch
-    import transformers as tf
 
-    from slq.backbones.base import load_processor, read_model_type
-
-    model = tf.AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    tok = load_processor(model_dir, _processor_name(read_model_type(model_dir))).tokenizer
+    model, processor = backbone if isinstance(backbone, tuple) else load_generative(backbone)
+    tok = processor.tokenizer
     probes = [(f"the {fact} is called a", shape) for shape, fact in SHAPE_FACTS.items()]
     probes += [(f"{fact} is", colour) for colour, fact in COLOUR_FACTS.items()]
     wrong = []

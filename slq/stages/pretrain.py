@@ -10,16 +10,17 @@ the folder gets a note saying so, so `dvc repro` still has its output.
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 from dataclasses import asdict
-from pathlib import Path
 
 from slq.config import Config
-from slq.io import write_atomic_dir, write_json_atomic
+from slq.io import write_atomic_dir, write_csv_atomic, write_json_atomic
 
 SKIPPED = "SKIPPED.txt"
+
+# columns of the per-step history CSV (a DVC plot)
+HISTORY_FIELDS = ["step", "loss", "lr", "grad_norm", "step_time"]
 
 
 def is_builtin(cfg: Config) -> bool:
@@ -48,11 +49,11 @@ def run(cfg: Config) -> dict:
         write_atomic_dir(out, lambda tmp: (tmp / SKIPPED).write_text(note))
         metrics = {"skipped": True, "reason": note.strip()}
         write_json_atomic(cfg.path(p.metrics), metrics)
-        _write_history(cfg.path(p.history), [])
+        write_csv_atomic(cfg.path(p.history), [], HISTORY_FIELDS)
         return metrics
 
     from slq.data.world import load_manifest, load_scenes, render_scene
-    from slq.pretrain import describe_image, pretrain, probe_facts
+    from slq.pretrain import describe_image, load_generative, pretrain, probe_facts
 
     exclude = held_out_scenes(cfg)
     res = pretrain(p, out, exclude=exclude)
@@ -60,8 +61,9 @@ def run(cfg: Config) -> dict:
     root = cfg.path(cfg.data.root)
     first = next(r for r in load_manifest(root, cfg.data.manifest) if r["split"] == "train")
     scene = load_scenes(root)[first["image_id"]]
-    sample = describe_image(out, render_scene(scene, cfg.data.image_size, random.Random(0)))
-    probe = probe_facts(out)
+    backbone = load_generative(out)  # loaded once for both checks
+    sample = describe_image(backbone, render_scene(scene, cfg.data.image_size, random.Random(0)))
+    probe = probe_facts(backbone)
     metrics = {
         "params": res.params,
         "fact_accuracy": probe["accuracy"],
@@ -76,20 +78,10 @@ def run(cfg: Config) -> dict:
     }
     (out / "pretrain.json").write_text(json.dumps({"config": asdict(p), "metrics": metrics}, indent=2) + "\n")
     write_json_atomic(cfg.path(p.metrics), metrics)
-    _write_history(cfg.path(p.history), hist)
+    write_csv_atomic(cfg.path(p.history), hist, HISTORY_FIELDS)
     return metrics
 
 
 def _mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")
-
-
-def _write_history(path: Path, hist: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "grad_norm", "step_time"])
-        w.writeheader()
-        w.writerows(hist)
-    tmp.replace(path)

@@ -7,7 +7,6 @@ run with other settings never resumes from it.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import shutil
@@ -16,7 +15,10 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from slq.config import Config
-from slq.io import file_sha256, write_json_atomic
+from slq.io import file_sha256, write_csv_atomic, write_json_atomic
+
+# columns of the per-step history CSV (a DVC plot)
+HISTORY_FIELDS = ["step", "loss", "lr", "temperature", "grad_norm", "step_time"]
 
 
 def ensure_backbone(cfg: Config) -> Path:
@@ -131,7 +133,7 @@ def train_method(cfg: Config, method: str, out: Path, *, lr: float, metrics_path
     metrics["checkpoint_hash"] = checkpoint_hash(out)
     write_json_atomic(metrics_path, metrics)
     if history_path is not None:
-        _write_history(history_path, hist)
+        write_csv_atomic(history_path, hist, HISTORY_FIELDS)
     if result is not None:
         shutil.rmtree(work, ignore_errors=True)  # finished: nothing left to resume
     return metrics
@@ -152,13 +154,3 @@ def _peak_memory_gib(cuda: bool) -> float:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
-
-
-def _write_history(path: Path, hist: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "temperature", "grad_norm", "step_time"])
-        w.writeheader()
-        w.writerows(hist)
-    tmp.replace(path)
