@@ -52,6 +52,7 @@ class PretrainConfig:
     steps: int = 850
     batch_size: int = 48
     lr: float = 4e-3
+    vision_lr_scale: float = 1.0  # the vision encoder's lr as a share of `lr` (0 freezes it); projector: `lr`
     warmup_steps: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0

@@ -41,6 +41,7 @@ from slq.data.world import (
 
 DESCRIBE = "Describe the scene."
 POSITION_ORDER = ("left", "top", "center", "bottom", "right")
+QA_TURNS = 3  # questions per visual Q&A conversation
 
 
 # --- the corpus -------------------------------------------------------------------------------
@@ -67,7 +68,11 @@ def fact_sentences() -> list[str]:
 
 def _questions(scene, rng: random.Random) -> tuple[str, str]:
     """One question about the scene and its answer in words."""
-    kind = rng.choice(("colour", "shape", "where", "count", "size", "exists"))
+    kind = rng.choice(("colour", "shape", "where", "count", "size", "exists", "what"))
+    if kind == "what":  # any place, empty ones included: binds a place to what is there
+        pos = rng.choice(POSITION_ORDER)
+        here = [o for o in scene if o[3] == pos]
+        return f"What is {POSITIONS[pos][1]}?", f"a {' '.join(here[0][:3])}" if here else "nothing"
     obj = rng.choice(scene)
     size, colour, shape, pos = obj
     place = POSITIONS[pos][1]
@@ -90,9 +95,12 @@ def make_example(kind: str, scene, image_idx: int, rng: random.Random) -> dict:
     """One training example: {'image': idx or None, 'prompt': user text, 'answer': str} or {'text': str}."""
     if kind == "caption":  # objects in a fixed order: the answer is a function of the image alone
         return {"image": image_idx, "prompt": DESCRIBE, "answer": canonical_caption(scene)}
-    if kind == "qa_image":
-        q, a = _questions(scene, rng)
-        return {"image": image_idx, "prompt": q, "answer": a}
+    if kind == "qa_image":  # a short conversation about the image, as in visual instruction data
+        turns = {}
+        while len(turns) < QA_TURNS:
+            q, a = _questions(scene, rng)
+            turns.setdefault(q, a)
+        return {"image": image_idx, "turns": list(turns.items())}
     if kind == "qa_text":
         q, a = _questions(scene, rng)
         return {"image": None, "prompt": f"{_captions(scene, 1, rng)[0]}\n{q}", "answer": a}
@@ -158,15 +166,21 @@ class Batcher:
         self.tok = processor.tokenizer
         self.images = images
         self.im_start = self.tok.convert_tokens_to_ids("<|im_start|>")
-        self.n_header = len(self.tok("assistant\n", add_special_tokens=False)["input_ids"])
+        self.im_end = self.tok.convert_tokens_to_ids("<|im_end|>")
+        self.header = self.tok("assistant\n", add_special_tokens=False)["input_ids"]
 
     def chat(self, ex: dict) -> str:
-        content = ([{"type": "image"}] if ex["image"] is not None else []) + [{"type": "text", "text": ex["prompt"]}]
-        prompt = self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                    add_generation_prompt=True)
-        return prompt + ex["answer"] + self.tok.eos_token
+        """The example as a chat: one user turn (the image first) and the answer, or several turns."""
+        turns = ex.get("turns") or [(ex["prompt"], ex["answer"])]
+        msgs = []
+        for j, (question, answer) in enumerate(turns):
+            content = ([{"type": "image"}] if j == 0 and ex["image"] is not None else [])
+            msgs += [{"role": "user", "content": content + [{"type": "text", "text": question}]},
+                     {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        return self.processor.apply_chat_template(msgs, tokenize=False)
 
     def __call__(self, examples: Sequence[dict]) -> dict:
+        import torch
 
         texts, images = [], []
         for ex in examples:
@@ -185,14 +199,26 @@ class Batcher:
         labels = ids.clone()
         labels[inputs["attention_mask"] == 0] = -100
         for i, ex in enumerate(examples):
-            if "text" in ex:
-                continue
-            starts = (ids[i] == self.im_start).nonzero().flatten()
-            labels[i, : int(starts[-1]) + 1 + self.n_header] = -100  # everything up to the answer
+            if "text" not in ex:  # chats: only the assistant's answers (and their end token) count
+                labels[i] = torch.where(self.answer_mask(ids[i]), labels[i], -100)
         inputs["labels"] = labels
         if "mm_token_type_ids" in inputs and not images:
             inputs.pop("mm_token_type_ids")
         return inputs
+
+    def answer_mask(self, ids):
+        """True on the tokens of every assistant answer, from after "<|im_start|>assistant\n" up to
+        and including its <|im_end|>."""
+        import torch
+
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        n = len(self.header)
+        for p in (ids == self.im_start).nonzero().flatten().tolist():
+            if ids[p + 1:p + 1 + n].tolist() == self.header:
+                ends = (ids[p + 1 + n:] == self.im_end).nonzero().flatten()
+                stop = p + 1 + n + (int(ends[0]) + 1 if len(ends) else len(ids))
+                mask[p + 1 + n:stop] = True
+        return mask
 
 
 @dataclass
@@ -222,10 +248,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, *, exclude: set = frozenset(),
     batcher = Batcher(processor, images)
     kinds, weights = zip(*sorted(cfg.mix.items()))
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.98))
     from slq.train import lr_factor
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
@@ -246,7 +269,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, *, exclude: set = frozenset(),
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
-        rec = {"step": step + 1, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0], "grad_norm": float(gn),
+        rec = {"step": step + 1, "loss": float(loss.detach()), "lr": max(sched.get_last_lr()), "grad_norm": float(gn),
                "step_time": time.perf_counter() - ts}
         history.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
@@ -265,6 +288,26 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, *, exclude: set = frozenset(),
 
     shutil.rmtree(init_dir, ignore_errors=True)
     return PretrainResult(history, wall, sum(p.numel() for p in model.parameters()), out_dir)
+
+
+def is_vision_encoder(name: str) -> bool:
+    """The vision encoder proper (patch embedding, positions, blocks), not the projector (mergers)
+    that maps its output into the LLM."""
+    return ".visual." in f".{name}" and "merger" not in name
+
+
+def param_groups(model, cfg: PretrainConfig) -> list[dict]:
+    """AdamW groups: no weight decay on vectors; the vision encoder at `vision_lr_scale` x lr
+    (frozen at 0). The LR schedule scales every group's lr alike."""
+    groups: dict[tuple, list] = {}
+    for name, p in model.named_parameters():
+        scale = cfg.vision_lr_scale if is_vision_encoder(name) else 1.0
+        if scale == 0:
+            p.requires_grad_(False)
+            continue
+        wd = cfg.weight_decay if p.ndim >= 2 else 0.0
+        groups.setdefault((scale, wd), []).append(p)
+    return [{"params": ps, "lr": cfg.lr * scale, "weight_decay": wd} for (scale, wd), ps in sorted(groups.items())]
 
 
 def _step_loss(model, batcher: Batcher, batch: list[dict]):

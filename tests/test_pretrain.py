@@ -19,9 +19,14 @@ from slq.data.world import (
 )
 from slq.io import file_sha256
 from slq.pretrain import (
+    Batcher,
+    build_model,
     canonical_caption,
+    corpus_text,
     describe_image,
     fact_sentences,
+    is_vision_encoder,
+    load_generative,
     make_example,
     pretrain,
     pretraining_scenes,
@@ -64,6 +69,38 @@ def test_the_pretrained_model_captions_a_training_image(pretrained):
     assert any(p[1] in caption for p in POSITIONS.values()), caption
 
 
+def test_conversations_train_on_every_answer_and_nothing_else(pretrained):
+    out, _ = pretrained
+    _, processor = load_generative(out)
+    scene = [("small", "blue", "triangle", "left"), ("large", "red", "circle", "right")]
+    batcher = Batcher(processor, [render_scene(scene, 64, random.Random(0))])
+    chat = make_example("qa_image", scene, 0, random.Random(3))
+    assert len(chat["turns"]) > 1
+    fact = make_example("facts", scene, 0, random.Random(3))
+    inputs = batcher([chat, make_example("caption", scene, 0, random.Random(0))])
+    tok = processor.tokenizer
+    learned = [tok.decode(ids[labels != -100]) for ids, labels in zip(inputs["input_ids"], inputs["labels"])]
+    assert learned[0] == "".join(f"{a}<|im_end|>" for _, a in chat["turns"])  # answers only, never the questions
+    assert learned[1] == canonical_caption(scene) + "<|im_end|>"
+    text = batcher([fact])
+    assert tok.decode(text["input_ids"][0][text["labels"][0] != -100]) == fact["text"] + "<|im_end|>"
+
+
+def test_a_frozen_vision_encoder_stays_as_initialised(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    cfg = PretrainConfig(**SMALL, steps=3, vision_lr_scale=0.0)
+    init = build_model(cfg, corpus_text(pretraining_scenes(cfg.n_scenes, cfg.seed, set()), cfg.seed), tmp_path / "init")
+    pretrain(cfg, tmp_path / "out")
+    before, after = load_file(init / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    encoder = [k for k in before if is_vision_encoder(k)]
+    projector = [k for k in before if ".visual." in f".{k}" and not is_vision_encoder(k)]
+    assert encoder and projector
+    assert all(torch.equal(before[k], after[k]) for k in encoder)
+    assert any(not torch.equal(before[k], after[k]) for k in projector)  # the projector still learns
+
+
 def test_pretraining_is_deterministic_from_its_seed(tmp_path):
     cfg = PretrainConfig(**{**SMALL, "n_scenes": 40}, steps=3)
     pretrain(cfg, tmp_path / "a")
@@ -83,7 +120,8 @@ def test_every_task_is_generative_and_facts_are_taught(world):
     scene = [("small", "blue", "triangle", "left"), ("large", "red", "circle", "right")]
     for kind in ("caption", "qa_image", "qa_text", "describe_text", "knowledge_text", "facts"):
         ex = make_example(kind, scene, 0, rng)
-        assert ("text" in ex) or (ex["answer"] and ex["prompt"])  # an answer to generate, never a pair to match
+        turns = ex.get("turns") or ([(ex["prompt"], ex["answer"])] if "prompt" in ex else [])
+        assert ("text" in ex) or (turns and all(q and a for q, a in turns))  # answers to generate, never a pair to match
     assert canonical_caption(scene) == "a small blue triangle on the left and a large red circle on the right"
     text = " ".join(fact_sentences())
     for fact in list(SHAPE_FACTS.values()) + list(COLOUR_FACTS.values()):
