@@ -143,6 +143,23 @@ def test_cache_key_changes_with_the_encoders_prompts(tiny_dirs, tmp_path):
     assert cache.misses == 2 and not np.allclose(a, b)
 
 
+def test_vectors_embedded_elsewhere_are_reused_only_for_the_same_items_and_prompts(tiny_dirs, tmp_path):
+    from slq.benchmarks.base import Corpus
+    from slq.benchmarks.cache import CachedEmbedder
+
+    enc = SLQEncoder.from_pretrained(tiny_dirs["qwen2_vl"], num_queries=2)
+    texts = ["a red circle", "a blue square", "a green star"]
+    vecs = enc.encode_text(texts, progress=False)
+    cache = CachedEmbedder(enc, tmp_path, "h", batch_size=2)
+    cache.prefill("text", texts[:2], vecs[:2] + 1.0, enc.prompts.to_dict())  # marked: +1 shows where it came from
+    got = cache.embed(Corpus("text", texts[1::-1], {}, "d"))  # any order, any subset
+    np.testing.assert_allclose(got, vecs[1::-1] + 1.0)
+    assert cache.reused == 1
+    np.testing.assert_allclose(cache.embed(Corpus("text", texts, {}, "d")), vecs, atol=1e-6)  # one is unknown
+    other = cache.embed(Corpus("text", texts[:2], {"text": "{text}!"}, "d"))  # another prompt: embedded anew
+    assert cache.reused == 1 and not np.allclose(other, vecs[:2] + 1.0)
+
+
 def test_lora_init_is_seeded(tiny_dirs):
     def lora_a(seed):
         enc = SLQEncoder.from_pretrained(tiny_dirs["qwen2_vl"], method="lora", lora={"seed": seed})

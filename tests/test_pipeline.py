@@ -3,6 +3,7 @@ Prefect flow (test harness), MLflow (sqlite) and LanceDB, on a reduced synthetic
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,6 +80,8 @@ def test_dvc_repro_runs_every_stage(repro):
     assert metrics["benchmarks"]["world"]["t2i_R@1"] == metrics["t2i_R@1"]  # two paths, one number
     assert metrics["modality_gap"]["trained"] > 0
     report = (proj / "reports/benchmarks/benchmarks.md").read_text()
+    reused = re.search(r"(\d+) from the embed stage", report)
+    assert reused and int(reused.group(1)) >= 2  # the world test split is not embedded a second time
     assert "| world_i2i | t2i_R@1 |" in report and "Checkpoint hash" in report
     assert (proj / "reports/benchmarks/pca_trained.png").read_bytes()[:4] == b"\x89PNG"
 
