@@ -141,6 +141,7 @@ def test_second_repro_does_nothing_and_param_change_reruns_from_train(repro):
     assert "Running stage 'pretrain'" not in out  # the backbone is cached
     for stage in ("train", "embed", "index", "evaluate", "compare", "register"):
         assert f"Running stage '{stage}'" in out
+    assert "Running stage 'methods@" not in out  # SLQ's learning rate is not the baselines' budget
     reg = json.loads((proj / "reports/register.json").read_text())
     assert reg["version"] == 2  # a new registered version; promoted only if it beat the champion
     assert isinstance(reg["promoted"], bool) and reg["reason"]
