@@ -49,10 +49,10 @@ class PretrainConfig:
     image_pixels: int = 96  # side the processor resizes world images to (patch x merge units)
     n_scenes: int = 6000  # pretraining scenes, none of them a val or test scene
     image_size: int = 64  # rendered side (as data.image_size)
-    steps: int = 850
-    batch_size: int = 48
+    steps: int = 900
+    batch_size: int = 40
     lr: float = 4e-3
-    vision_lr_scale: float = 1.0  # the vision encoder's lr as a share of `lr` (0 freezes it); projector: `lr`
+    vision_lr_scale: float = 0.0  # the vision encoder's lr as a share of `lr` (0 freezes it); projector: `lr`
     warmup_steps: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -127,6 +127,9 @@ class MethodsConfig:
     metrics: str = "metrics/methods"  # <metrics>/<method>.json
     lr: dict = field(default_factory=lambda: {"lora": 1e-3, "full": 2e-4})
     pooling: dict = field(default_factory=lambda: {"lora": "last_token"})
+    # each method's prompt: "pipeline" (the `prompts` section, as SLQ) or "summarize" (E5-V style
+    # "... in one word:"); a method not named here: pipeline, zero_shot: summarize
+    prompts: dict = field(default_factory=lambda: {"zero_shot": "summarize", "lora": "pipeline", "full": "pipeline"})
     benchmarks: list[str] = field(default_factory=lambda: ["world", "world_knowledge"])
     report: str = "reports/methods.md"  # the comparison table (also written into the README)
     readme: str | None = "README.md"  # its table between the slq:methods markers; null to leave it

@@ -89,17 +89,17 @@ def test_bad_method_or_pooling_is_a_clear_error():
     assert check_method("full", None) == "last_token" and check_method("lora", "queries") == "queries"
 
 
-def _row(p1, k1, params, pooling="last_token"):
+def _row(p1, k1, params, pooling="last_token", prompt="pipeline"):
     bench = {"world": {"t2i_R@1": p1, "t2i_R@5": p1, "t2i_R@10": p1, "i2t_R@1": p1},
              "world_knowledge": {"t2i_R@1": k1, "t2i_R@5": k1, "t2i_R@10": k1, "i2t_R@1": k1}}
-    return {"budget": {"trainable_params": params, "pooling": pooling, "steps": 10, "step_time_mean": 0.1,
+    return {"budget": {"trainable_params": params, "pooling": pooling, "prompt": prompt, "steps": 10, "step_time_mean": 0.1,
                        "wall_time_s": 1.0, "peak_memory_gib": 0.5}, "benchmarks": bench}
 
 
 def test_comparison_table_states_what_the_numbers_say(tmp_path):
     from slq.stages.compare import BEGIN, END, render, update_readme
 
-    rows = {"slq": _row(0.4, 0.1, 1025, "queries"), "zero_shot": _row(0.01, 0.0, 0),
+    rows = {"slq": _row(0.4, 0.1, 1025, "queries"), "zero_shot": _row(0.01, 0.0, 0, prompt="summarize"),
             "lora": _row(0.5, 0.2, 9000), "full": _row(0.6, 0.05, 90000)}
     text = render(rows, ["world", "world_knowledge"])
     assert "| slq | 0.400 | 0.400 | 0.400 | 0.400 | - | - | 0.100 |" in text
@@ -107,7 +107,7 @@ def test_comparison_table_states_what_the_numbers_say(tmp_path):
     assert "SLQ does not beat lora (t2i R@1 0.100 vs 0.200)" in text
     assert "SLQ beats full (t2i R@1 0.100 vs 0.050)" in text
     assert "slq keeps 25% of its plain t2i R@1 on world_knowledge" in text
-    assert "| zero_shot | last_token | 0 |" in text
+    assert "| zero_shot | last_token | summarize | 0 |" in text and "| lora | last_token | pipeline | 9,000 |" in text
 
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{BEGIN}\nold\n{END}\nrest\n")
@@ -158,6 +158,47 @@ def test_vectors_embedded_elsewhere_are_reused_only_for_the_same_items_and_promp
     np.testing.assert_allclose(cache.embed(Corpus("text", texts, {}, "d")), vecs, atol=1e-6)  # one is unknown
     other = cache.embed(Corpus("text", texts[:2], {"text": "{text}!"}, "d"))  # another prompt: embedded anew
     assert cache.reused == 1 and not np.allclose(other, vecs[:2] + 1.0)
+
+
+def test_the_cache_tells_backbones_apart_when_the_checkpoint_is_empty(tiny_dirs, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from slq.benchmarks.base import Corpus
+    from slq.benchmarks.cache import CachedEmbedder
+
+    other = tmp_path / "retrained"  # same architecture and files, other weights (a re-pretrained backbone)
+    shutil.copytree(tiny_dirs["qwen2_vl"], other)
+    weights = load_file(other / "model.safetensors")
+    save_file({k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in weights.items()},
+              str(other / "model.safetensors"), metadata={"format": "pt"})
+    corpus = Corpus("text", ["a red circle on the left"], {}, "d")
+    a = CachedEmbedder(SLQEncoder.from_pretrained(tiny_dirs["qwen2_vl"], method="zero_shot"), tmp_path / "c", "h")
+    b = CachedEmbedder(SLQEncoder.from_pretrained(other, method="zero_shot"), tmp_path / "c", "h")
+    ea, eb = a.embed(corpus), b.embed(corpus)  # same (empty) checkpoint hash, same corpus
+    assert b.misses == 1 and b.hits == 0 and not np.allclose(ea, eb)
+    again = CachedEmbedder(SLQEncoder.from_pretrained(other, method="zero_shot"), tmp_path / "c", "h")
+    np.testing.assert_array_equal(again.embed(corpus), eb)
+    assert again.hits == 1
+
+
+def test_trained_baselines_share_slqs_prompt_and_zero_shot_keeps_its_own(tiny_dirs, tmp_path):
+    from slq.config import Config, ConfigError
+    from slq.stages.train import load_encoder, method_prompt
+
+    cfg = Config()
+    cfg.backbone.path, cfg.backbone.builtin = str(tiny_dirs["qwen2_vl"]), False
+    cfg.prompts.text = "{text}\nDescribe the scene."
+    assert [method_prompt(cfg, m) for m in ("slq", "zero_shot", "lora", "full")] == \
+        ["pipeline", "summarize", "pipeline", "pipeline"]
+    assert load_encoder(cfg, method="lora").prompts.text == "{text}\nDescribe the scene."
+    assert load_encoder(cfg, method="zero_shot").prompts.text == SUMMARIZE_PROMPTS["text"]
+    cfg.methods.prompts["lora"] = "summarize"
+    assert load_encoder(cfg, method="lora").prompts.text == SUMMARIZE_PROMPTS["text"]
+    cfg.methods.prompts["full"] = "mine"
+    with pytest.raises((ValueError, ConfigError), match="methods.prompts.full"):
+        method_prompt(cfg, "full")
 
 
 def test_lora_init_is_seeded(tiny_dirs):

@@ -20,6 +20,10 @@ class CachedEmbedder:
         self.checkpoint_hash = checkpoint_hash
         self.batch_size = batch_size
         self.hits = self.misses = self.reused = 0
+        # The checkpoint holds only what trained (nothing at all for zero-shot), so the frozen
+        # backbone it runs on is part of the key too.
+        backbone = getattr(encoder, "backbone", None)
+        self.backbone_hash = backbone_fingerprint(backbone, self.dir) if backbone is not None else None
         self.known: dict[tuple, np.ndarray] = {}  # (kind, prompt, item) -> a vector embedded elsewhere
 
     def prefill(self, kind: str, items, vectors: np.ndarray, prompt: dict) -> None:
@@ -43,7 +47,8 @@ class CachedEmbedder:
     def key(self, corpus: Corpus) -> str:
         items = [[str(x) for x in it] if isinstance(it, (tuple, list)) else str(it) for it in corpus.items]
         prompt = self.effective_prompt(corpus)  # what the items are really embedded with
-        blob = json.dumps([self.checkpoint_hash, corpus.kind, prompt, corpus.data_hash, items], sort_keys=True)
+        blob = json.dumps([self.checkpoint_hash, self.backbone_hash, corpus.kind, prompt, corpus.data_hash, items],
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
     def effective_prompt(self, corpus: Corpus) -> dict:
@@ -87,3 +92,37 @@ def _item_key(kind: str, item) -> str:
     if kind == "image" and isinstance(item, (str, Path)):
         return str(Path(item).resolve())
     return str(item)
+
+
+def backbone_fingerprint(backbone, cache_dir: Path) -> str:
+    """Content hash of a local backbone folder's files (weights, config, tokenizer, processor).
+
+    A file's sha256 is remembered in `cache_dir/backbone_files.json` by (path, size, mtime), so a
+    multi-GB checkpoint is read once, not on every evaluation. A backbone that is not a local
+    folder is identified by its name and revision.
+    """
+    root = Path(str(backbone.source))
+    if not root.is_dir():
+        return hashlib.sha256(f"{backbone.source}@{backbone.revision}".encode()).hexdigest()[:16]
+    from slq.io import file_sha256
+
+    memo_path = Path(cache_dir) / "backbone_files.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        memo = {}
+    parts, changed = [], False
+    for f in sorted(p for p in root.iterdir() if p.is_file()):
+        st = f.stat()
+        tag = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        if tag not in memo:
+            memo[tag], changed = file_sha256(f), True
+        parts.append(f"{f.name}:{memo[tag]}")
+    if changed:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=memo_path.parent, suffix=".json")
+        os.close(fd)
+        Path(tmp).write_text(json.dumps(memo, indent=0, sort_keys=True))
+        os.replace(tmp, memo_path)
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+

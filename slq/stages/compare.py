@@ -72,14 +72,15 @@ def render(rows: dict, benchmarks) -> str:
             ms = r["benchmarks"].get(b, {})
             vals += [_fmt(ms.get(f"t2i_{k}")) for k in KS] + [_fmt(ms.get(f"i2t_{k}")) for k in KS]
         lines.append(f"| {m} | " + " | ".join(vals) + " |")
-    lines += ["", "| method | pooling | trainable params | steps | step time (s) | wall time (s) | peak memory (GiB) |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "| method | pooling | prompt | trainable params | steps | step time (s) | wall time (s) | "
+                  "peak memory (GiB) |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for m, r in rows.items():
         b = r["budget"]
         wall = _fmt(b.get("wall_time_s"), 1)
         if b.get("resumed_from"):
             wall += f" (resumed at step {b['resumed_from']})"
-        lines.append(f"| {m} | {b.get('pooling', 'queries')} | {_fmt(b.get('trainable_params'))} | "
+        lines.append(f"| {m} | {b.get('pooling', 'queries')} | {b.get('prompt', 'pipeline')} | "
+                     f"{_fmt(b.get('trainable_params'))} | "
                      f"{_fmt(b.get('steps'))} | {_fmt(b.get('step_time_mean'))} | {wall} | "
                      f"{_fmt(b.get('peak_memory_gib'), 2)} ({b.get('peak_memory_kind', 'process_rss')}) |")
     lines += ["", *reading(rows, benchmarks)]

@@ -46,14 +46,27 @@ def load_encoder(cfg: Config, queries: Path | None = None, method: str | None = 
     t = cfg.train
     method = method or t.method
     pooling = t.pooling if method == t.method else cfg.methods.pooling.get(method)
-    prompts = asdict(cfg.prompts)
-    if (pooling or ("queries" if method == "slq" else "last_token")) == "last_token":
-        prompts = None  # the method's instruction prompt (slq.methods.SUMMARIZE_PROMPTS)
+    prompts = asdict(cfg.prompts) if method_prompt(cfg, method) == "pipeline" else None
     return SLQEncoder.from_pretrained(
         ensure_backbone(cfg), queries, num_queries=t.num_queries, init=t.init, seed=t.seed,
         prompts=prompts if queries is None else None, dtype=cfg.backbone.dtype, device=cfg.backbone.device,
         method=method, pooling=pooling, lora=LoraSpec(r=t.lora_r, alpha=t.lora_alpha, seed=t.seed),
     )
+
+
+PROMPT_CHOICES = ("pipeline", "summarize")
+
+
+def method_prompt(cfg: Config, method: str) -> str:
+    """"pipeline" (the `prompts` section, SLQ's) or "summarize" (slq.methods.SUMMARIZE_PROMPTS,
+    the E5-V style instruction read at the last token) for `method`; SLQ always uses `prompts`."""
+    if method == "slq":
+        return "pipeline"
+    choice = cfg.methods.prompts.get(method, "summarize" if method == "zero_shot" else "pipeline")
+    if choice not in PROMPT_CHOICES:
+        raise ValueError(f"methods.prompts.{method}: {choice!r} is not one of {', '.join(PROMPT_CHOICES)} "
+                         "(pipeline: the prompts section, as SLQ; summarize: the E5-V style one-word prompt)")
+    return choice
 
 
 def split_rows(cfg: Config, split: str) -> list[dict]:
@@ -111,6 +124,7 @@ def train_method(cfg: Config, method: str, out: Path, *, lr: float, metrics_path
     metrics = {
         "method": method,
         "pooling": enc.pooling,
+        "prompt": method_prompt(cfg, method),
         "final_loss": result.final_loss if result else None,
         "loss_first10": _mean(h["loss"] for h in hist[:10]),
         "loss_last10": _mean(h["loss"] for h in hist[-10:]),
