@@ -87,6 +87,9 @@ def render(rows: dict, benchmarks) -> str:
     return "\n".join(lines) + "\n"
 
 
+MIN_R1_FOR_RETENTION = 0.01  # below this plain t2i R@1 a knowledge/plain ratio is noise
+
+
 def _r1(r: dict, bench: str) -> float | None:
     v = r["benchmarks"].get(bench, {}).get("t2i_R@1")
     return v if isinstance(v, (int, float)) else None
@@ -112,7 +115,9 @@ def reading(rows: dict, benchmarks) -> list[str]:
             out.append(f"- On {know}, SLQ {verdict} {m} (t2i R@1 {s_k:.3f} vs {o_k:.3f}).")
         for m, r in rows.items():
             p, k = _r1(r, plain), _r1(r, know)
-            if p and k is not None:
+            if p is not None and p < MIN_R1_FOR_RETENTION:
+                out.append(f"- {m} is near chance on {plain} (t2i R@1 {p:.3f}): its retention is not meaningful.")
+            elif p and k is not None:
                 out.append(f"- {m} keeps {100 * k / p:.0f}% of its plain t2i R@1 on {know} ({k:.3f} / {p:.3f}).")
     return out
 
