@@ -104,7 +104,7 @@ def backbone_fingerprint(backbone, cache_dir: Path) -> str:
     root = Path(str(backbone.source))
     if not root.is_dir():
         return hashlib.sha256(f"{backbone.source}@{backbone.revision}".encode()).hexdigest()[:16]
-    from slq.io import file_sha256
+    from slq.io import file_sha256, write_json_atomic
 
     memo_path = Path(cache_dir) / "backbone_files.json"
     try:
@@ -119,10 +119,6 @@ def backbone_fingerprint(backbone, cache_dir: Path) -> str:
             memo[tag], changed = file_sha256(f), True
         parts.append(f"{f.name}:{memo[tag]}")
     if changed:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=memo_path.parent, suffix=".json")
-        os.close(fd)
-        Path(tmp).write_text(json.dumps(memo, indent=0, sort_keys=True))
-        os.replace(tmp, memo_path)
+        write_json_atomic(memo_path, memo)
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
