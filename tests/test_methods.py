@@ -212,3 +212,26 @@ def test_lora_init_is_seeded(tiny_dirs):
     a = lora_a(0)
     torch.manual_seed(456)
     assert torch.equal(a, lora_a(0)) and not torch.equal(a, lora_a(1))
+
+
+def test_compare_takes_slqs_scores_from_the_evaluate_stage_only_when_they_fit(tmp_path):
+    import json
+
+    from slq.checkpoint import checkpoint_hash, save_checkpoint
+    from slq.config import Config
+    from slq.stages.compare import scores_from_evaluate
+
+    cfg = Config(root=str(tmp_path))
+    cfg.evaluate.benchmarks = [{"name": "world", "split": cfg.evaluate.split}, {"name": "world_knowledge"},
+                               {"name": "world_composed", "split": "val"}]
+    ckpt = save_checkpoint(tmp_path / "ckpt", torch.zeros(2, 4), None, {"method": "slq"})
+    scores = {"world": {"t2i_R@1": 0.4}, "world_knowledge": {"t2i_R@1": 0.2}, "world_composed": {"R@1": 0.1}}
+    metrics = cfg.path(cfg.evaluate.metrics)
+    assert scores_from_evaluate(cfg, ckpt, ["world"]) is None  # no evaluate metrics yet
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    metrics.write_text(json.dumps({"checkpoint_hash": checkpoint_hash(ckpt), "benchmarks": scores}))
+    assert scores_from_evaluate(cfg, ckpt, ["world", "world_knowledge"]) == {k: scores[k] for k in
+                                                                            ("world", "world_knowledge")}
+    assert scores_from_evaluate(cfg, ckpt, ["world_composed"]) is None  # scored on another split
+    metrics.write_text(json.dumps({"checkpoint_hash": "0" * 16, "benchmarks": scores}))
+    assert scores_from_evaluate(cfg, ckpt, ["world"]) is None  # another checkpoint's numbers
