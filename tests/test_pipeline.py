@@ -76,13 +76,13 @@ def test_dvc_repro_runs_every_stage(repro):
     assert index["slq_test_text"]["rows"] == 48
     reg = json.loads((proj / "reports/register.json").read_text())
     assert reg["promoted"] is True and reg["version"] == 1
-    assert set(metrics["benchmarks"]) == {"world", "world_i2i", "world_composed", "world_knowledge"}
+    assert set(metrics["benchmarks"]) == {"world", "world_composed", "world_knowledge"}
     assert metrics["benchmarks"]["world"]["t2i_R@1"] == metrics["t2i_R@1"]  # two paths, one number
     assert metrics["modality_gap"]["trained"] > 0
     report = (proj / "reports/benchmarks/benchmarks.md").read_text()
     reused = re.search(r"(\d+) from the embed stage", report)
     assert reused and int(reused.group(1)) >= 2  # the world test split is not embedded a second time
-    assert "| world_i2i | t2i_R@1 |" in report and "Checkpoint hash" in report
+    assert "| world_knowledge | t2i_R@1 |" in report and "Checkpoint hash" in report
     assert (proj / "reports/benchmarks/pca_trained.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -100,6 +100,8 @@ def test_methods_are_compared_in_the_report_the_readme_and_mlflow(repro):
     assert cmp["zero_shot"]["budget"]["trainable_params"] == 0
     assert 0 < cmp["slq"]["budget"]["trainable_params"] < cmp["lora"]["budget"]["trainable_params"]
     assert cmp["lora"]["budget"]["trainable_params"] < cmp["full"]["budget"]["trainable_params"]
+    scored = json.loads((proj / "metrics/eval.json").read_text())["benchmarks"]
+    assert {b: cmp["slq"][b] for b in ("world", "world_knowledge")} == {b: scored[b] for b in ("world", "world_knowledge")}
     client = MlflowClient(f"sqlite:///{proj / 'mlflow.db'}")
     exp = client.get_experiment_by_name("slq")
     runs = client.search_runs([exp.experiment_id], "tags.stage = 'methods'")
