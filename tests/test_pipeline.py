@@ -120,6 +120,16 @@ def test_rescoring_with_other_ks_does_not_re_embed(repro):
        "--set", "evaluate.plots=metrics/k123.csv", "--set", "evaluate.report_dir=reports/k123", cwd=proj)
     assert sorted(p.name for p in cache.glob("*.npy")) == before
     assert "t2i_R@2" in json.loads((proj / "metrics/eval_k123.json").read_text())["benchmarks"]["world"]
+    # the modality gap's untrained-queries embeddings come from the cache too
+    sh(sys.executable, "cli.py", "stage", "evaluate", "--set", "evaluate.metrics=metrics/eval_again.json",
+       "--set", "evaluate.plots=metrics/again.csv", "--set", "evaluate.report_dir=reports/again", cwd=proj)
+    assert sorted(p.name for p in cache.glob("*.npy")) == before
+    again = json.loads((proj / "metrics/eval_again.json").read_text())["modality_gap"]
+    assert again == json.loads((proj / "metrics/eval.json").read_text())["modality_gap"]
+    assert "untrained_embeddings: 2 corpora embedded, 0 from the cache" in (
+        proj / "reports/benchmarks/benchmarks.md").read_text()  # the pipeline's run: both embedded
+    assert "untrained_embeddings: 0 corpora embedded, 2 from the cache" in (
+        proj / "reports/again/benchmarks.md").read_text()
 
 
 def test_dvc_metrics_and_plots_show(repro):
