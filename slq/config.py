@@ -125,8 +125,9 @@ class MethodsConfig:
     compare: list[str] = field(default_factory=lambda: ["zero_shot", "lora", "full"])
     out: str = "checkpoints/methods"  # <out>/<method>: checkpoint folders
     metrics: str = "metrics/methods"  # <metrics>/<method>.json
-    lr: dict = field(default_factory=lambda: {"lora": 1e-3, "full": 2e-4})
-    pooling: dict = field(default_factory=lambda: {"lora": "last_token"})
+    lr: dict = field(default_factory=lambda: {"zero_shot": None, "lora": 2e-3, "full": 4e-4})  # None: train.lr
+    pooling: dict = field(default_factory=lambda: {"zero_shot": "last_token", "lora": "last_token",
+                                                   "full": "last_token"})
     # each method's prompt: "pipeline" (the `prompts` section, as SLQ) or "summarize" (E5-V style
     # "... in one word:"); a method not named here: pipeline, zero_shot: summarize
     prompts: dict = field(default_factory=lambda: {"zero_shot": "summarize", "lora": "pipeline", "full": "pipeline"})

@@ -157,6 +157,15 @@ def test_second_repro_does_nothing_and_param_change_reruns_from_train(repro):
     reg = json.loads((proj / "reports/register.json").read_text())
     assert reg["version"] == 2  # a new registered version; promoted only if it beat the champion
     assert isinstance(reg["promoted"], bool) and reg["reason"]
+    # retuning one baseline marks only that baseline (and the table) as changed
+    params["methods"]["lr"]["full"] = params["methods"]["lr"]["full"] * 2
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = dvc("status", cwd=proj).stdout
+    assert "methods@full:" in status and "compare:" in status
+    assert "methods@lora:" not in status and "methods@zero_shot:" not in status and "train:" not in status
+    params["methods"]["lr"]["full"] = params["methods"]["lr"]["full"] / 2  # back as it was run
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "methods@full:" not in dvc("status", cwd=proj).stdout
 
 
 def test_cli_search_metrics_runs(repro):

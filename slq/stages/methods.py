@@ -34,7 +34,8 @@ def run_method(cfg: Config, method: str) -> dict:
                          f"{', '.join(m for m in METHODS if m != 'slq')} (slq itself is the train stage)")
     out = cfg.path(mc.out) / method
     mdir = cfg.path(mc.metrics)
-    lr = float(mc.lr.get(method, cfg.train.lr))
+    lr = mc.lr.get(method)
+    lr = cfg.train.lr if lr is None else float(lr)
     budget = train_method(cfg, method, out, lr=lr, metrics_path=mdir / f"{method}.train.json")
     bench = evaluate_checkpoint(cfg, out, mc.benchmarks)
     metrics = {"method": method, "budget": budget, "benchmarks": bench}
