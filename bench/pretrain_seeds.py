@@ -1,7 +1,7 @@
 """How much of the built-in result is the pretraining seed's?
 
 Pretrains the built-in backbone with other seeds (the pretrain stage's own code and params.yaml,
-only `pretrain.seed` changed), then trains each method on it with the default budget and scores
+only `pretrain.seed` and any --set values changed), then trains each method on it with the default budget and scores
 it on the world's plain and knowledge-aware test sets, through the same functions as the
 `train`, `methods` and `evaluate` stages. It also greedily captions some test images with each
 backbone and counts how often each object's colour and shape words come out right, so a
@@ -12,6 +12,8 @@ A seed whose backbone folder already exists under --work is not pretrained again
 deterministic from its seed), so a rerun only trains and scores.
 
     PYTHONPATH=. python bench/pretrain_seeds.py --seeds 0 1 2 --methods slq lora full
+    PYTHONPATH=. python bench/pretrain_seeds.py --set pretrain.steps=1800 --work /tmp/slq-seeds-1800 \
+        --out bench/results/pretrain_seeds_1800.json          # another recipe: its own --work
 
 Needs the world data (`dvc repro data` first). Writes nothing under the project: the backbones,
 checkpoints and embedding cache go under --work; the results go to --out (JSON, one row per seed
@@ -25,7 +27,10 @@ import json
 import random
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -59,7 +64,8 @@ def caption_accuracy(backbone_dir: Path, cfg, n: int) -> dict:
     return {k: v / max(objects, 1) for k, v in hits.items()} | {"objects": objects}
 
 
-def run_seed(seed: int, methods: list[str], work: Path, params: Path, n_captions: int) -> list[dict]:
+def run_seed(seed: int, methods: list[str], work: Path, params: Path, n_captions: int,
+             overrides: dict) -> list[dict]:
     from slq.config import load_config
     from slq.stages import pretrain
     from slq.stages.methods import evaluate_checkpoint
@@ -68,7 +74,7 @@ def run_seed(seed: int, methods: list[str], work: Path, params: Path, n_captions
     base = work / f"seed{seed}"
     backbone = base / "backbone"
     cfg = load_config(params, {
-        "pretrain.seed": seed, "pretrain.out": str(backbone), "backbone.path": str(backbone),
+        **overrides, "pretrain.seed": seed, "pretrain.out": str(backbone), "backbone.path": str(backbone),
         "backbone.builtin": True, "pretrain.metrics": str(base / "pretrain.json"),
         "pretrain.history": str(base / "pretrain_history.csv"), "train.work_dir": str(base / "work"),
         "evaluate.cache_dir": str(base / "embed_cache"),
@@ -76,8 +82,14 @@ def run_seed(seed: int, methods: list[str], work: Path, params: Path, n_captions
     if not (cfg.path(cfg.data.root) / cfg.data.manifest).is_file():
         raise SystemExit(f"no world data at {cfg.data.root}: run `dvc repro data` (or `python cli.py stage data`) first")
     if (backbone / "config.json").is_file():
+        saved = json.loads((backbone / "pretrain.json").read_text())
+        want = {k: v for k, v in asdict(cfg.pretrain).items() if k not in ("out", "metrics", "history")}
+        differ = sorted(k for k, v in want.items() if saved["config"].get(k) != v)
+        if differ:
+            raise SystemExit(f"{backbone} was pretrained with other settings ({', '.join(differ)}): "
+                             "give this recipe its own --work, or delete that folder")
         print(f"seed {seed}: reusing the backbone in {backbone}", flush=True)
-        pre = json.loads((backbone / "pretrain.json").read_text())["metrics"]
+        pre = saved["metrics"]
     else:
         print(f"seed {seed}: pretraining into {backbone}", flush=True)
         pre = pretrain.run(cfg)
@@ -130,15 +142,24 @@ def main():
     ap.add_argument("--work", type=Path, default=Path("/tmp/slq-pretrain-seeds"))
     ap.add_argument("--captions", type=int, default=80, help="test images to caption per backbone (0: skip)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pretrain_seeds.json")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a params.yaml value (YAML-parsed), e.g. pretrain.steps=1800; "
+                         "a backbone already under --work is reused whatever its settings, so give each recipe its own --work")
     args = ap.parse_args()
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. pretrain.steps=1800")
+        overrides[key] = yaml.safe_load(value)
     random.seed(0)
     rows = []
-    for seed in args.seeds:
-        rows += run_seed(seed, args.methods, args.work.resolve(), args.params, args.captions)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=2) + "\n")
-    tmp.replace(args.out)
+    for seed in args.seeds:
+        rows += run_seed(seed, args.methods, args.work.resolve(), args.params, args.captions, overrides)
+        tmp = args.out.with_suffix(".tmp")  # after every seed, so a stopped run keeps what it measured
+        tmp.write_text(json.dumps({"overrides": overrides, "rows": rows}, indent=2) + "\n")
+        tmp.replace(args.out)
     print(table(rows))
 
 
