@@ -56,7 +56,10 @@ def _console():
 
 
 def _fail(msg: str, code: int = 1):
-    _console().print(f"[bold red]error:[/] {msg}")
+    from rich.markup import escape
+
+    # soft_wrap: no line breaks inside paths; escape: brackets in the message are text, not markup
+    _console().print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -75,6 +78,7 @@ def _table(title: str, rows: list[dict], columns: list[str] | None = None):
 
 def _run_stages(cfg, names: list[str], method: Optional[str] = None):
     from slq.pipeline import run_stage
+    from slq.stages.methods import MethodFailed
     from slq.stages.validate import ValidationFailed
 
     results = {}
@@ -84,7 +88,7 @@ def _run_stages(cfg, names: list[str], method: Optional[str] = None):
             results[name] = run_stage(name, cfg, method) if method else run_stage(name, cfg)
         except ValidationFailed as e:
             _fail(f"validation failed; nothing downstream was run or overwritten.\n{e}")
-        except (FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ValueError, MethodFailed) as e:
             _fail(f"stage {name}: {e}")
     return results
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from slq.io import file_sha256, write_atomic_dir
 
@@ -19,6 +18,9 @@ WEIGHTS = "queries.safetensors"
 LLM_WEIGHTS = "llm.safetensors"  # lora/full checkpoints: the LLM weights the method changed
 MANIFEST = "slq.json"
 FORMAT = "slq-queries/1"
+
+if TYPE_CHECKING:  # torch is imported where tensors are made; hashing a checkpoint needs none
+    import torch
 
 
 class CheckpointError(ValueError):

@@ -134,6 +134,7 @@ class MethodsConfig:
     benchmarks: list[str] = field(default_factory=lambda: ["world", "world_knowledge"])
     report: str = "reports/methods.md"  # the comparison table (also written into the README)
     readme: str | None = "README.md"  # its table between the slq:methods markers; null to leave it
+    workers: int | str = "auto"  # methods run at once (processes): auto = one per CPU core; 1 on a GPU
 
 @dataclass
 class EmbedConfig:

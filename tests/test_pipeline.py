@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -19,6 +20,7 @@ SMALL = {
     "data": {"n_train": 48, "n_val": 8, "n_test": 24, "image_size": 64},
     "train": {"steps": 6, "batch_size": 8, "save_every": 3, "warmup_steps": 2, "num_queries": 4},
     "embed": {"batch_size": 16},
+    "methods": {"workers": 2},  # side by side in worker processes, whatever the machine's cores
     "pretrain": {"hidden_size": 32, "num_layers": 2, "vision_dim": 32, "vocab_size": 600, "image_pixels": 96,
                  "n_scenes": 100, "steps": 6, "batch_size": 8, "warmup_steps": 2},
 }
@@ -62,8 +64,7 @@ def repro(tmp_path_factory):
 
 def test_dvc_repro_runs_every_stage(repro):
     proj, out = repro
-    for stage in ("validate", "pretrain", "train", "embed", "index", "evaluate", "methods@zero_shot",
-                  "methods@lora", "methods@full", "compare", "register"):
+    for stage in ("validate", "pretrain", "train", "embed", "index", "evaluate", "methods", "compare", "register"):
         assert f"Running stage '{stage}'" in out
     assert json.loads((proj / "reports/validate.json").read_text())["success"] is True
     pre = json.loads((proj / "metrics/pretrain.json").read_text())
@@ -110,6 +111,40 @@ def test_methods_are_compared_in_the_report_the_readme_and_mlflow(repro):
     assert "world_knowledge.t2i_R_at_1" in lora.data.metrics and "budget.step_time_mean" in lora.data.metrics
 
 
+def test_methods_ran_side_by_side_and_match_a_run_in_one_process(repro):
+    from safetensors.torch import load_file
+
+    proj, out = repro
+    assert "on 2 worker processes" in out
+    for m in ("zero_shot", "lora", "full"):
+        log = (proj / f"checkpoints/methods/{m}.log").read_text()
+        assert f"method {m}:" in log and '"benchmarks"' in log  # the worker's own output, kept
+    # the same method in this process (default threads) trains the same weights
+    sh(sys.executable, "cli.py", "stage", "methods", "--method", "lora", "--set", "methods.out=checkpoints/seq",
+       "--set", "methods.metrics=metrics/seq", cwd=proj)
+    side = load_file(str(proj / "checkpoints/methods/lora/llm.safetensors"))
+    alone = load_file(str(proj / "checkpoints/seq/lora/llm.safetensors"))
+    assert side.keys() == alone.keys() and side
+    for k in side:
+        assert torch.allclose(side[k], alone[k], rtol=1e-4, atol=1e-6), k
+    a = json.loads((proj / "metrics/methods/lora.json").read_text())
+    b = json.loads((proj / "metrics/seq/lora.json").read_text())
+    assert a["budget"]["trainable_params"] == b["budget"]["trainable_params"]
+    assert a["budget"]["final_loss"] == pytest.approx(b["budget"]["final_loss"], rel=1e-4)
+
+
+def test_a_failing_method_is_named_and_the_others_are_kept(repro):
+    proj, _ = repro
+    res = sh(sys.executable, "cli.py", "stage", "methods", "--set", "methods.out=checkpoints/bad",
+             "--set", "methods.metrics=metrics/bad", "--set", "methods.pooling.full=bogus", cwd=proj, check=False)
+    assert res.returncode != 0
+    err = res.stdout + res.stderr
+    assert "full: ValueError" in err and "bogus" in err and "checkpoints/bad/full.log" in err
+    assert "kept: " in err and "lora" in err
+    assert {p.name for p in (proj / "metrics/bad").glob("*.json")} == {"lora.json", "zero_shot.json"}
+    assert "bogus" in (proj / "checkpoints/bad/full.log").read_text()  # the traceback is in the log
+
+
 def test_rescoring_with_other_ks_does_not_re_embed(repro):
     proj, _ = repro
     cache = proj / "artifacts/embed_cache"
@@ -153,19 +188,19 @@ def test_second_repro_does_nothing_and_param_change_reruns_from_train(repro):
     assert "Running stage 'pretrain'" not in out  # the backbone is cached
     for stage in ("train", "embed", "index", "evaluate", "compare", "register"):
         assert f"Running stage '{stage}'" in out
-    assert "Running stage 'methods@" not in out  # SLQ's learning rate is not the baselines' budget
+    assert "Running stage 'methods'" not in out  # SLQ's learning rate is not the baselines' budget
     reg = json.loads((proj / "reports/register.json").read_text())
     assert reg["version"] == 2  # a new registered version; promoted only if it beat the champion
     assert isinstance(reg["promoted"], bool) and reg["reason"]
-    # retuning one baseline marks only that baseline (and the table) as changed
+    # retuning a baseline marks the methods stage (and the table) as changed, not SLQ's stages
     params["methods"]["lr"]["full"] = params["methods"]["lr"]["full"] * 2
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = dvc("status", cwd=proj).stdout
-    assert "methods@full:" in status and "compare:" in status
-    assert "methods@lora:" not in status and "methods@zero_shot:" not in status and "train:" not in status
+    assert "methods:" in status and "compare:" in status
+    assert "train:" not in status and "evaluate:" not in status
     params["methods"]["lr"]["full"] = params["methods"]["lr"]["full"] / 2  # back as it was run
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert "methods@full:" not in dvc("status", cwd=proj).stdout
+    assert "methods:" not in dvc("status", cwd=proj).stdout
 
 
 def test_cli_search_metrics_runs(repro):

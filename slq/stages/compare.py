@@ -38,7 +38,7 @@ def run(cfg: Config) -> dict:
         path = cfg.path(mc.metrics) / f"{m}.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: run the methods stage for {m!r} first "
-                                    f"(dvc repro methods@{m}, or slq stage methods --method {m})")
+                                    f"(dvc repro methods, or slq stage methods --method {m})")
         rows[m] = json.loads(path.read_text())
     table = render(rows, mc.benchmarks)
     backbone_note = _backbone_note(cfg)

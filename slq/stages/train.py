@@ -90,11 +90,12 @@ def run(cfg: Config) -> dict:
 
 
 def train_method(cfg: Config, method: str, out: Path, *, lr: float, metrics_path: Path,
-                 history_path: Path | None = None) -> dict:
+                 history_path: Path | None = None, on_step=None, progress: bool = True) -> dict:
     """Train one method on the training split with `train`'s budget; write its checkpoint and metrics.
 
     Budget metrics are the same for every method: trainable parameters, mean step time, wall time
-    and peak memory (GPU: allocator peak; CPU: the process's peak resident set).
+    and peak memory (GPU: allocator peak; CPU: the process's peak resident set). `on_step` and
+    `progress` go to `slq.train.fit`.
     """
     import torch
 
@@ -118,7 +119,7 @@ def train_method(cfg: Config, method: str, out: Path, *, lr: float, metrics_path
             [asdict(t), method, lr, data_hash(cfg), str(enc.backbone.source), asdict(cfg.prompts)], sort_keys=True
         ).encode()).hexdigest()[:12]
         work = cfg.path(t.work_dir) / fingerprint
-        result = fit(enc, data, fit_cfg, work)
+        result = fit(enc, data, fit_cfg, work, on_step=on_step, progress=progress)
         hist = result.history
     wall = time.perf_counter() - t0
     metrics = {

@@ -18,9 +18,6 @@ import math
 import os
 from pathlib import Path
 
-import pandas as pd
-from PIL import Image
-
 from slq.config import Config, ValidateConfig
 from slq.data.world import load_manifest
 from slq.io import write_json_atomic
@@ -69,6 +66,8 @@ def build_frame(rows: list[dict], root: Path, v: ValidateConfig) -> pd.DataFrame
     image_missing: the image path when the file does not exist; image_error: why an existing
     file does not decode; leak: which train image an eval-split row reuses.
     """
+    import pandas as pd
+
     df = pd.DataFrame(rows)
     for c in COLUMNS:
         if c not in df:
@@ -96,6 +95,8 @@ def build_frame(rows: list[dict], root: Path, v: ValidateConfig) -> pd.DataFrame
 
 def _image_problem(path: Path) -> str | None:
     """'missing', an error message if the file does not decode, or None when it is a good image."""
+    from PIL import Image
+
     if not path.is_file():
         return "missing"
     try:
