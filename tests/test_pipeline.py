@@ -145,6 +145,23 @@ def test_a_failing_method_is_named_and_the_others_are_kept(repro):
     assert "bogus" in (proj / "checkpoints/bad/full.log").read_text()  # the traceback is in the log
 
 
+def test_a_fresh_clone_with_the_backbone_cached_skips_pretraining(repro, tmp_path):
+    """What `git clone` + `dvc pull pretrain` gives: the backbone's stage is up to date, only the
+    cheap validation reruns (its report is regenerated, byte for byte) before the stages below it."""
+    proj, _ = repro
+    clone = make_project(tmp_path / "clone")  # the same files, none of the outputs
+    shutil.copy(proj / "dvc.lock", clone / "dvc.lock")
+    dvc("init", "--no-scm", "-q", cwd=clone)
+    dvc("cache", "dir", str(proj / ".dvc" / "cache"), cwd=clone)
+    sh(sys.executable, "cli.py", "data", "generate", cwd=clone)
+    dvc("checkout", "pretrain", cwd=clone)
+    assert (clone / "models/tiny-qwen3-vl/model.safetensors").is_file()
+    assert (clone / "metrics/pretrain.json").read_text() == (proj / "metrics/pretrain.json").read_text()
+    assert "pretrain:" in dvc("status", "pretrain", cwd=clone).stdout  # its validation report is not there yet
+    dvc("repro", "-s", "validate", cwd=clone)
+    assert "pretrain:" not in dvc("status", "pretrain", cwd=clone).stdout
+
+
 def test_rescoring_with_other_ks_does_not_re_embed(repro):
     proj, _ = repro
     cache = proj / "artifacts/embed_cache"
