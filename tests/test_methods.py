@@ -120,6 +120,21 @@ def test_comparison_table_states_what_the_numbers_say(tmp_path):
     assert not update_readme(plain, text) and plain.read_text() == "no markers\n"
 
 
+def test_the_table_says_when_budgets_were_timed_under_different_cpu_conditions():
+    from slq.stages.compare import render
+
+    rows = {"slq": _row(0.4, 0.1, 1025, "queries"), "lora": _row(0.5, 0.2, 9000), "full": _row(0.6, 0.05, 90000)}
+    rows["slq"]["budget"].update(threads=2, side_by_side=1)
+    for m in ("lora", "full"):
+        rows[m]["budget"].update(threads=1, side_by_side=2)
+    text = render(rows, ["world", "world_knowledge"])
+    assert "| 0.50 (process_rss) | 2 |" in text and "| 0.50 (process_rss) | 1, 2 methods at once |" in text
+    assert "different CPU conditions" in text
+    for m in ("lora", "full"):
+        rows[m]["budget"].update(threads=2, side_by_side=1)
+    assert "different CPU conditions" not in render(rows, ["world", "world_knowledge"])
+
+
 def test_benchmarks_embed_with_the_checkpoints_own_prompts(tiny_dirs, tmp_path):
     from slq.benchmarks.base import Corpus
     from slq.benchmarks.cache import CachedEmbedder

@@ -106,7 +106,7 @@ def render(rows: dict, benchmarks) -> str:
             vals += [_fmt(ms.get(f"t2i_{k}")) for k in KS] + [_fmt(ms.get(f"i2t_{k}")) for k in KS]
         lines.append(f"| {m} | " + " | ".join(vals) + " |")
     lines += ["", "| method | pooling | prompt | trainable params | steps | step time (s) | wall time (s) | "
-                  "peak memory (GiB) |", "|---|---|---|---:|---:|---:|---:|---:|"]
+                  "peak memory (GiB) | CPU threads |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for m, r in rows.items():
         b = r["budget"]
         wall = _fmt(b.get("wall_time_s"), 1)
@@ -115,9 +115,28 @@ def render(rows: dict, benchmarks) -> str:
         lines.append(f"| {m} | {b.get('pooling', 'queries')} | {b.get('prompt', 'pipeline')} | "
                      f"{_fmt(b.get('trainable_params'))} | "
                      f"{_fmt(b.get('steps'))} | {_fmt(b.get('step_time_mean'))} | {wall} | "
-                     f"{_fmt(b.get('peak_memory_gib'), 2)} ({b.get('peak_memory_kind', 'process_rss')}) |")
-    lines += ["", *reading(rows, benchmarks)]
+                     f"{_fmt(b.get('peak_memory_gib'), 2)} ({b.get('peak_memory_kind', 'process_rss')}) | "
+                     f"{_threads(b)} |")
+    lines += ["", *reading(rows, benchmarks), *_timing_note(rows)]
     return "\n".join(lines) + "\n"
+
+
+def _threads(budget: dict) -> str:
+    t, n = budget.get("threads"), budget.get("side_by_side") or 1
+    if t is None:
+        return "-"
+    return f"{t}, {n} methods at once" if n > 1 else str(t)
+
+
+def _timing_note(rows: dict) -> list[str]:
+    """Say so when the step and wall times were measured under different CPU conditions."""
+    conds = {(r["budget"].get("threads"), r["budget"].get("side_by_side") or 1)
+             for r in rows.values() if r["budget"].get("steps") and r["budget"].get("threads") is not None}
+    if len(conds) <= 1:
+        return []
+    return ["- Step and wall times were measured under different CPU conditions (threads, methods running at "
+            "once; the methods stage runs the baselines side by side, `methods.workers`), so they compare "
+            "only roughly; `methods.workers: 1` runs each alone, as the train stage runs SLQ."]
 
 
 MIN_R1_FOR_RETENTION = 0.01  # below this plain t2i R@1 a knowledge/plain ratio is noise

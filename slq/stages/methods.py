@@ -82,7 +82,7 @@ def _uses_gpu(cfg: Config) -> bool:
     return torch.cuda.is_available()
 
 
-def train_and_score(cfg: Config, method: str, on_event=None) -> dict:
+def train_and_score(cfg: Config, method: str, on_event=None, side_by_side: int = 1) -> dict:
     """Train `method` with `train`'s budget, score it on `methods.benchmarks`; write its metrics
     (without the MLflow run id, which `finish_method` adds). `on_event(kind, value)` hears
     ("step", n) after each training step and ("evaluate", None) when scoring starts."""
@@ -96,7 +96,7 @@ def train_and_score(cfg: Config, method: str, on_event=None) -> dict:
     lr = cfg.train.lr if lr is None else float(lr)
     on_step = (lambda rec: on_event("step", rec["step"])) if on_event else None
     budget = train_method(cfg, method, out, lr=lr, metrics_path=mdir / f"{method}.train.json",
-                          on_step=on_step, progress=on_event is None)
+                          on_step=on_step, progress=on_event is None, side_by_side=side_by_side)
     if on_event:
         on_event("evaluate", None)
     bench = evaluate_checkpoint(cfg, out, mc.benchmarks)
@@ -128,7 +128,7 @@ def _worker_init(threads: int) -> None:
     os.environ["TQDM_DISABLE"] = "1"  # the parent draws the bars
 
 
-def _worker(cfg: Config, method: str, threads: int, queue) -> dict:
+def _worker(cfg: Config, method: str, threads: int, queue, workers: int) -> dict:
     """A spawned process: train and score one method with its output in its log file."""
     import sys
 
@@ -149,7 +149,7 @@ def _worker(cfg: Config, method: str, threads: int, queue) -> dict:
                 print(f"method {method}: {kind}{'' if value is None else f' {value}'}", flush=True)
 
         try:
-            metrics = train_and_score(cfg, method, on_event=on_event)
+            metrics = train_and_score(cfg, method, on_event=on_event, side_by_side=workers)
         except BaseException:
             import traceback
 
@@ -200,7 +200,7 @@ def _run_parallel(cfg: Config, names: list[str], workers: int) -> dict:
 
     try:
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
-            pending = {pool.submit(_worker, cfg, m, threads, events): m for m in _order(names)}
+            pending = {pool.submit(_worker, cfg, m, threads, events, workers): m for m in _order(names)}
             while pending:
                 done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 drain()

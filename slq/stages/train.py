@@ -90,12 +90,14 @@ def run(cfg: Config) -> dict:
 
 
 def train_method(cfg: Config, method: str, out: Path, *, lr: float, metrics_path: Path,
-                 history_path: Path | None = None, on_step=None, progress: bool = True) -> dict:
+                 history_path: Path | None = None, on_step=None, progress: bool = True,
+                 side_by_side: int = 1) -> dict:
     """Train one method on the training split with `train`'s budget; write its checkpoint and metrics.
 
     Budget metrics are the same for every method: trainable parameters, mean step time, wall time
-    and peak memory (GPU: allocator peak; CPU: the process's peak resident set). `on_step` and
-    `progress` go to `slq.train.fit`.
+    and peak memory (GPU: allocator peak; CPU: the process's peak resident set), with the
+    conditions they were measured under: CPU threads, and how many methods ran at once
+    (`side_by_side`, set by the methods stage). `on_step` and `progress` go to `slq.train.fit`.
     """
     import torch
 
@@ -138,6 +140,8 @@ def train_method(cfg: Config, method: str, out: Path, *, lr: float, metrics_path
         "wall_time_s": wall,
         "peak_memory_gib": _peak_memory_gib(cuda),
         "peak_memory_kind": "cuda_allocated" if cuda else "process_rss",
+        "threads": None if cuda else torch.get_num_threads(),
+        "side_by_side": side_by_side,
         "n_pairs": len(data),
     }
     manifest_training = {**asdict(fit_cfg), "method": method} if result else {"method": method, "trained": False}
