@@ -250,3 +250,21 @@ def test_compare_takes_slqs_scores_from_the_evaluate_stage_only_when_they_fit(tm
     assert scores_from_evaluate(cfg, ckpt, ["world_composed"]) is None  # scored on another split
     metrics.write_text(json.dumps({"checkpoint_hash": "0" * 16, "benchmarks": scores}))
     assert scores_from_evaluate(cfg, ckpt, ["world"]) is None  # another checkpoint's numbers
+
+
+def test_methods_workers_is_one_per_core_on_cpu_one_on_gpu_and_checked(monkeypatch, tmp_path):
+    from slq.config import load_config
+    from slq.stages import methods
+
+    cfg = load_config(tmp_path / "params.yaml", {"backbone.device": "cpu"})  # the defaults: workers auto
+    monkeypatch.setattr(methods, "cpu_count", lambda: 2)
+    assert methods.resolve_workers(cfg, 3) == 2 and methods.resolve_workers(cfg, 1) == 1
+    cfg.methods.workers = 8
+    assert methods.resolve_workers(cfg, 3) == 3  # never more processes than methods
+    cfg.methods.workers = "auto"
+    cfg.backbone.device = "cuda:0"
+    assert methods.resolve_workers(cfg, 3) == 1  # one at a time on a GPU
+    for bad in (0, "two", True):
+        cfg.methods.workers = bad
+        with pytest.raises(ValueError, match="methods.workers"):
+            methods.resolve_workers(cfg, 3)
