@@ -40,7 +40,7 @@ def run(cfg: Config, method: str | None = None) -> dict:
         check_method_name(m)
     workers = resolve_workers(cfg, len(names))
     if workers <= 1:
-        return {m: finish_method(cfg, m, train_and_score(cfg, m)) for m in names}
+        return {m: run_method(cfg, m) for m in names}
     return _run_parallel(cfg, names, workers)
 
 

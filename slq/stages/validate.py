@@ -17,10 +17,14 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from slq.config import Config, ValidateConfig
 from slq.data.world import load_manifest
 from slq.io import write_json_atomic
+
+if TYPE_CHECKING:  # pandas and PIL load when the stage runs, not with the CLI
+    import pandas as pd
 
 COLUMNS = ("id", "image_id", "image", "caption", "split")
 
