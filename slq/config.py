@@ -70,16 +70,26 @@ class BackboneConfig:
 
     path: str = "models/tiny-qwen3-vl"
     builtin: bool = True  # `path` is the built-in backbone, made by the pretrain stage when missing
-    dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
+    dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU; the model runs in it (no autocast)
     device: str = "auto"
+    # Pixel budget per image (Qwen-VL processors; null: the folder's own preprocessor settings,
+    # which the paper's benchmarks use). A visual token is (patch x merge)^2 pixels: 28x28 for
+    # Qwen2/2.5-VL, 32x32 for Qwen3-VL. For phone photos cap it, e.g. 1280 tokens x 28 x 28 = 1003520.
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    allow_mismatch: bool = False  # load a checkpoint onto a backbone with another fingerprint (at your risk)
 
 
 @dataclass
 class PromptConfig:
+    """The reference recipe by default (slq.backbones.base.Prompts): the caption or the image alone
+    in the user turn of the model's chat template, then the opened assistant turn."""
+
     text: str = "{text}"
     image: str = ""
     multimodal: str = "{text}"
-    add_generation_prompt: bool = False
+    add_generation_prompt: bool = True
+    system: str | None = None  # None: what the family's template does (Qwen2/2.5-VL: its default system prompt)
 
 
 @dataclass
@@ -91,6 +101,9 @@ class ValidateConfig:
     min_caption_chars: int = 3
     max_caption_chars: int = 300
     examples: int = 5  # failing rows shown per expectation
+    # each image's sha256 and decode check, keyed by (path, size, mtime): a re-run reads only new or
+    # changed files (COCO: ~123K images); null: no cache
+    cache: str | None = "artifacts/validate_cache.sqlite"
 
 
 @dataclass
@@ -111,6 +124,8 @@ class TrainConfig:
     save_every: int = 100
     seed: int = 0
     split_forward: bool = True
+    max_text_tokens: int | None = 128  # a templated caption's token budget in training (the reference: 128)
+    num_workers: int = 0  # DataLoader processes building batches ahead (decode + processor); 0: in-process
     method: str = "slq"  # slq | zero_shot | lora | full (slq.methods)
     pooling: str | None = None  # the method's default: queries for slq, last_token otherwise
     lora_r: int = 8
@@ -141,6 +156,7 @@ class EmbedConfig:
     out: str = "artifacts/embeddings"  # one .npy + .jsonl per (split, modality)
     splits: list[str] = field(default_factory=lambda: ["test"])
     batch_size: int = 64
+    num_workers: int = 0  # DataLoader processes building batches ahead; 0: in-process
 
 
 @dataclass
@@ -238,6 +254,8 @@ def _check(hint, value, where: str):
         ok = isinstance(value, list)
     elif str(hint).startswith(("str | None", "typing.Optional[str]")):
         ok = value is None or isinstance(value, str)
+    elif str(hint).startswith(("int | None", "typing.Optional[int]")):
+        ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
     if not ok:
         raise ConfigError(f"params.yaml: `{where}` should be {getattr(hint, '__name__', hint)}, got {value!r}")
     return value

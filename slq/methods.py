@@ -57,7 +57,11 @@ def check_method(method: str, pooling: str | None) -> str:
 
 
 def apply_lora(adapter, spec: LoraSpec) -> list[torch.nn.Parameter]:
-    """Inject LoRA layers into the adapter's LLM (not the vision tower); returns their parameters."""
+    """Inject LoRA layers into the adapter's LLM (not the vision tower); returns their parameters.
+
+    The adapters are kept in float32 whatever the backbone's dtype (peft casts the layer's input
+    to them and the result back), so a bf16 backbone's LoRA weights do not round at every step.
+    """
     from peft import LoraConfig, inject_adapter_in_model
 
     cfg = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=0.0, target_modules=list(spec.targets),
@@ -74,6 +78,9 @@ def apply_lora(adapter, spec: LoraSpec) -> list[torch.nn.Parameter]:
     if not params:
         raise ValueError(f"no LoRA target module among {spec.targets} in {adapter.source}")
     adapter.decoder.to(adapter.device)
+    with torch.no_grad():
+        for p in params:
+            p.data = p.data.float()
     return params
 
 
@@ -95,18 +102,30 @@ def llm_delta(adapter, method: str) -> dict[str, torch.Tensor]:
     return {}
 
 
-def load_llm_delta(adapter, method: str, tensors: dict[str, torch.Tensor], lora: LoraSpec | None) -> None:
-    """Put a checkpoint's LLM weights into a freshly loaded backbone (LoRA layers injected first)."""
-    if method == "lora":
+def load_llm_delta(adapter, method: str, tensors: dict[str, torch.Tensor], lora: LoraSpec | None,
+                   *, inject: bool = True, keep_trainable: bool = False) -> None:
+    """Put a checkpoint's LLM weights into the backbone, strictly: every tensor the method trains
+    (all LoRA tensors; every LLM tensor for `full`) and nothing else. `inject`: add the LoRA
+    layers first (a freshly loaded backbone); `keep_trainable`: leave requires_grad as it is (resume)."""
+    if method == "lora" and inject:
         apply_lora(adapter, lora or LoraSpec())
-    if not tensors:
+    if method not in ("lora", "full"):
+        if tensors:
+            raise ValueError(f"checkpoint holds LLM weights ({len(tensors)} tensors) but method {method!r} "
+                             "trains none: the checkpoint is damaged or its manifest's method is wrong")
         return
-    missing, unexpected = adapter.decoder.load_state_dict(
-        {k: v.to(adapter.dtype) for k, v in tensors.items()}, strict=False)
-    expected = {k for k in adapter.decoder.state_dict() if method == "full" or "lora_" in k}
-    lost = sorted(expected & set(missing))
-    if lost or unexpected:
-        raise ValueError(f"checkpoint LLM weights do not fit the backbone: missing {lost[:5]}, "
-                         f"unexpected {list(unexpected)[:5]}")
-    for p in adapter.decoder.parameters():
-        p.requires_grad_(False)
+    state = adapter.decoder.state_dict()
+    expected = {k for k in state if method == "full" or "lora_" in k}
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint LLM weights do not fit the backbone ({method}): missing {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            if tuple(v.shape) != tuple(state[k].shape):
+                raise ValueError(f"checkpoint LLM weight {k} has shape {tuple(v.shape)}, the backbone's is "
+                                 f"{tuple(state[k].shape)}")
+            state[k].copy_(v.to(state[k].dtype))  # state_dict tensors share storage with the parameters
+    if not keep_trainable:
+        for p in adapter.decoder.parameters():
+            p.requires_grad_(False)

@@ -1,7 +1,10 @@
 """fit(): train the shared latent queries (and the temperature) contrastively; nothing else moves.
 
-AdamW over the queries and log-temperature only, linear warm-up then cosine decay, gradient
-clipping, bf16 autocast on GPU, periodic checkpoints for resume. A run killed at any point and
+AdamW over the queries and log-temperature only (the temperature without weight decay), linear
+warm-up then cosine decay, gradient clipping, periodic checkpoints for resume. The model runs in
+the backbone's own dtype (`backbone.dtype`); what trains is kept in float32 (queries, LoRA
+adapters, and for full fine-tuning an fp32 master copy of the LLM weights). A DataLoader builds
+the next batches (image decoding, the processor) while the model computes. A run killed at any point and
 restarted with the same arguments resumes from its last checkpoint and ends with the same
 result as an uninterrupted run: the batch at step s is a pure function of (seed, s).
 
@@ -43,6 +46,8 @@ class FitConfig:
     save_every: int = 100
     seed: int = 0
     split_forward: bool = True  # prefix under no_grad into a KV cache; only the queries under autograd
+    max_text_tokens: int | None = 128  # a templated caption's token budget (the reference: 128); None: no cut
+    num_workers: int = 0  # DataLoader processes building batches ahead (0: in the training process)
 
 
 @dataclass
@@ -107,42 +112,52 @@ def fit(
     trained = encoder.trainable_parameters()
     if not trained:
         raise ValueError(f"method {encoder.method!r} has nothing to train")
-    params = [*trained, loss_fn.log_temp]
     # The split forward is exact only when the prompt's states do not depend on what trains.
     split = cfg.split_forward and encoder.method == "slq"
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
     result = FitResult()
     start = 0
     last = Path(work_dir) / "last" if work_dir is not None else None
-    if last is not None and (last / "train_state.pt").exists():
-        start = _resume(last, encoder, loss_fn, opt, sched, result)
+    resume = last is not None and (last / "train_state.pt").exists()
+    if resume:
+        log_temp = encoder.load_trained(last / "queries")
+        with torch.no_grad():
+            loss_fn.log_temp.copy_(log_temp)
+    master = MasterWeights(trained)  # fp32 copies of what trains in a lower precision (full fine-tuning in bf16)
+    opt = torch.optim.AdamW([{"params": master.params, "weight_decay": cfg.weight_decay},
+                             {"params": [loss_fn.log_temp], "weight_decay": 0.0}], lr=cfg.lr)
+    params = [*master.params, loss_fn.log_temp]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
+    if resume:
+        start = _resume(last, opt, sched, result)
         result.resumed_from = start
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="train queries", unit="step")
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    from slq.encoder import make_loader
+
+    steps = StepBatches(encoder.backbone.inputs, encoder.prompts, data, global_batch, cfg, rank)
+    loader = iter(make_loader(steps, range(start, end), cfg.num_workers, device))
     for step in range(start, end):
         t0 = time.perf_counter()
-        idx = batch_indices(step, len(data), global_batch, cfg.seed)[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-        rows = [_pair(data[i], int(i)) for i in idx]
-        with autocast:
-            img = encoder.embed_inputs(encoder.prepare(images=[r[0] for r in rows]), split=split)
-            txt = encoder.embed_inputs(encoder.prepare(texts=[r[1] for r in rows]), split=split)
+        ids, img_inputs, txt_inputs = next(loader)
+        img = encoder.embed_inputs(img_inputs, split=split)
+        txt = encoder.embed_inputs(txt_inputs, split=split)
         loss = loss_fn(img, txt)
         if not torch.isfinite(loss):
             kept = f"the last good checkpoint is kept at {last}" if last is not None else "no checkpoint was written"
             raise TrainingDiverged(
-                f"loss is {loss.item()} at step {step} (batch ids {[r[2] for r in rows][:8]}...); {kept}. "
+                f"loss is {loss.item()} at step {step} (batch ids {ids[:8]}...); {kept}. "
                 "Lower train.lr, check those items, or resume from the checkpoint."
             )
         opt.zero_grad(set_to_none=True)
+        for p in trained:
+            p.grad = None
         loss.backward()
         sync_gradients(trained, loss_fn.log_temp)
+        master.grads_in()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         if not torch.isfinite(grad_norm):
             # Seen with split_forward=False in bf16 on left-padded batches (SDPA backward through
@@ -153,6 +168,7 @@ def fit(
                 "Use train.split_forward: true (exact, and free of this failure) or float32."
             )
         opt.step()
+        master.weights_out()
         sched.step()
         rec = {"step": step + 1, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
                "temperature": loss_fn.temperature.item(), "grad_norm": float(grad_norm),
@@ -183,15 +199,70 @@ def _save_state(last: Path, encoder, loss_fn, opt, sched, step: int, history: li
     write_atomic_dir(last, write)
 
 
-def _resume(last: Path, encoder, loss_fn, opt, sched, result: FitResult) -> int:
-    log_temp = encoder.load_trained(last / "queries")
-    with torch.no_grad():
-        loss_fn.log_temp.copy_(log_temp)
+def _resume(last: Path, opt, sched, result: FitResult) -> int:
     state = torch.load(last / "train_state.pt", map_location="cpu", weights_only=True)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     result.history = json.loads((last / "history.json").read_text())
     return int(state["step"])
+
+
+class MasterWeights:
+    """fp32 master copies of trained parameters held in a lower precision (bf16 full fine-tuning).
+
+    The optimiser steps the fp32 copies (`params`); their gradients come from the model's
+    (`grads_in`) and the updated weights go back to the model rounded once (`weights_out`), so
+    small updates accumulate instead of vanishing in bf16 rounding. fp32 parameters (the queries,
+    LoRA adapters) are used as they are.
+    """
+
+    def __init__(self, model_params: list[torch.nn.Parameter]):
+        self.pairs = []
+        self.params = []
+        for p in model_params:
+            if p.dtype == torch.float32:
+                self.params.append(p)
+            else:
+                m = torch.nn.Parameter(p.detach().float().clone())
+                self.pairs.append((p, m))
+                self.params.append(m)
+
+    def grads_in(self) -> None:
+        for p, m in self.pairs:
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+
+    @torch.no_grad()
+    def weights_out(self) -> None:
+        for p, m in self.pairs:
+            p.copy_(m)
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Step s -> (row ids, image inputs, text inputs) of this rank's share of the global batch at s.
+
+    A pure function of (seed, s), so DataLoader workers and the training process build the same
+    batch, and a resumed run continues with the same ones. Holds no model (see InputBuilder).
+    """
+
+    def __init__(self, builder, prompts, data: Sequence, global_batch: int, cfg: FitConfig, rank: int):
+        self.builder, self.prompts, self.data = builder, prompts, data
+        self.global_batch, self.cfg, self.rank = global_batch, cfg, rank
+
+    def __len__(self):
+        return self.cfg.steps
+
+    def __getitem__(self, step: int):
+        from slq.inputs import check_text, load_image
+
+        b = self.cfg.batch_size
+        idx = batch_indices(step, len(self.data), self.global_batch, self.cfg.seed)[self.rank * b:(self.rank + 1) * b]
+        rows = [_pair(self.data[i], int(i)) for i in idx]
+        images = [load_image(r[0], int(i)) for r, i in zip(rows, idx)]
+        texts = [check_text(r[1], int(i), "caption") for r, i in zip(rows, idx)]
+        img = self.builder.build(None, images, self.prompts)
+        txt = self.builder.build(texts, None, self.prompts, self.cfg.max_text_tokens)
+        return [r[2] for r in rows], img, txt
 
 
 def init_distributed_from_env() -> bool:
@@ -202,3 +273,95 @@ def init_distributed_from_env() -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return True
+
+
+# ---- rank-aware helpers for a stage launched under torchrun --------------------------------------
+# In a single process (WORLD_SIZE unset or 1) each of them is a plain call: no group, no collective.
+
+RANK0_WAIT_HOURS = 6  # how long the other ranks wait for rank 0's share (e.g. pretraining a backbone)
+
+
+class RankZeroFailed(RuntimeError):
+    """Raised on ranks 1..N-1 when what rank 0 did for every rank (`on_rank_zero`) failed there."""
+
+
+class RanksDisagree(RuntimeError):
+    """The ranks see different things where they must see the same (`agree`), e.g. a folder not shared."""
+
+
+def current_rank() -> int:
+    """This process's rank: the group's when one is up, else torchrun's RANK (0 in a single process)."""
+    if is_distributed():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    """The number of ranks: the group's when one is up, else torchrun's WORLD_SIZE (1 in a single process)."""
+    if is_distributed():
+        return torch.distributed.get_world_size()
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or a single process): the one that writes outputs and prints."""
+    return current_rank() == 0
+
+
+@contextlib.contextmanager
+def distributed_from_env():
+    """Join torchrun's process group for the block (`init_distributed_from_env`) and tear it down after
+    it, also when the block raises. A group the caller set up beforehand is left alone."""
+    created = not is_distributed() and init_distributed_from_env()
+    try:
+        yield
+    finally:
+        if created and is_distributed():
+            torch.distributed.destroy_process_group()
+
+
+def on_rank_zero(fn: Callable[[], object], what: str):
+    """Rank 0 runs fn() while the other ranks wait; every rank returns rank 0's result (picklable).
+
+    When fn raises on rank 0 the others raise `RankZeroFailed` with its message instead of waiting
+    forever. The wait goes through a gloo group of its own with a `RANK0_WAIT_HOURS` timeout, so a
+    long share (pretraining a backbone) does not trip the NCCL group's watchdog.
+    """
+    if not is_distributed():
+        return fn()
+    import datetime
+
+    dist = torch.distributed
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=RANK0_WAIT_HOURS))
+    try:
+        box: list = [None]
+        error = None
+        if dist.get_rank() == 0:
+            try:
+                box[0] = ("ok", fn())
+            except BaseException as e:  # tell the others before raising here
+                error = e
+                box[0] = ("error", f"{type(e).__name__}: {e}")
+        dist.broadcast_object_list(box, src=0, group=group)
+        if error is not None:
+            raise error
+        status, value = box[0]
+        if status != "ok":
+            raise RankZeroFailed(f"rank 0 failed to {what}: {value}")
+        return value
+    finally:
+        dist.destroy_process_group(group)
+
+
+def agree(value, what: str):
+    """Check that every rank computed the same (picklable) `value`; raise `RanksDisagree` on every rank
+    otherwise, listing each rank's. Returns `value`. Also a barrier: no rank passes it before all reach it."""
+    if not is_distributed():
+        return value
+    dist = torch.distributed
+    seen: list = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, value)
+    if any(v != seen[0] for v in seen):
+        listing = "; ".join(f"rank {r}: {v!r}" for r, v in enumerate(seen))
+        raise RanksDisagree(f"the ranks disagree on {what} ({listing})")
+    return value

@@ -96,44 +96,228 @@ def _image_only_processor(cls):
             cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kw)
 
     ImageOnly.__name__ = ImageOnly.__qualname__ = cls.__name__
+    ImageOnly.__module__ = __name__  # pickled by reference to its base class (see __reduce__ below)
+    ImageOnly.__reduce__ = lambda self: (_rebuild_image_only, (cls.__name__, self.image_processor,
+                                                                self.tokenizer, self.chat_template))
     return ImageOnly
 
 
+def _rebuild_image_only(cls_name: str, image_processor, tokenizer, chat_template):
+    """Unpickle an image-only processor (DataLoader workers started with spawn get a copy)."""
+    import transformers as tf
+
+    return _image_only_processor(getattr(tf, cls_name))(image_processor=image_processor, tokenizer=tokenizer,
+                                                         chat_template=chat_template)
+
+
+# Where a Hugging Face folder keeps its multimodal chat template, most specific first.
+TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
+
 def load_processor(path: str | Path, processor_cls_name: str):
+    """The family's own processor, loaded from the folder, with the folder's multimodal chat template.
+
+    Where the full processor cannot be built (its video processor needs torchvision), the same
+    class is loaded without video support, still through `from_pretrained`, so the template comes
+    from chat_template.json / chat_template.jinja as the full processor would take it, never from
+    tokenizer_config.json's (text-only in Qwen2.5-VL's download).
+    """
     import transformers as tf
 
     try:
-        return tf.AutoProcessor.from_pretrained(str(path))
+        proc = tf.AutoProcessor.from_pretrained(str(path))
     except (AttributeError, ImportError, OSError, TypeError, ValueError):
-        # Typically: the video processor needs torchvision, absent here. Build it image-only.
+        # Typically: the video processor needs torchvision, absent here. Load it image-only.
         cls = getattr(tf, processor_cls_name)
-        tokenizer = tf.AutoTokenizer.from_pretrained(str(path))
-        image_processor = tf.AutoImageProcessor.from_pretrained(str(path))
         proc_cls = _image_only_processor(cls) if "video_processor" in cls.get_attributes() else cls
-        return proc_cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+        proc = proc_cls.from_pretrained(str(path))
+    if not getattr(proc, "chat_template", None):
+        raise BackboneError(
+            f"backbone {path} has no chat template: expected one of {', '.join(TEMPLATE_FILES)} (or a "
+            "`chat_template` in tokenizer_config.json). Copy the model's template file into the folder."
+        )
+    return proc
+
+
+def set_pixel_budget(processor, min_pixels: int | None = None, max_pixels: int | None = None) -> dict:
+    """Bound the pixels (and so the visual tokens) the processor gives an image; returns the limits in force.
+
+    Qwen-VL processors resize every image to between `min_pixels` and `max_pixels` pixels (in
+    patch x merge units) keeping its aspect ratio; None keeps the folder's own setting. A family
+    whose processor resizes to a fixed size (LLaVA) has no budget to set.
+    """
+    ip = getattr(processor, "image_processor", None)
+    size = getattr(ip, "size", None)
+    has_budget = size is not None and _size_get(size, "longest_edge") is not None
+    if not has_budget:
+        if min_pixels is not None or max_pixels is not None:
+            raise BackboneError(
+                f"{type(ip).__name__} resizes every image to a fixed size; min_pixels / max_pixels do not apply. "
+                "Leave backbone.min_pixels and backbone.max_pixels null for this backbone."
+            )
+        return {}
+    lo = min_pixels if min_pixels is not None else _size_get(size, "shortest_edge")
+    hi = max_pixels if max_pixels is not None else _size_get(size, "longest_edge")
+    if lo is not None and hi is not None and lo > hi:
+        raise BackboneError(f"min_pixels {lo} is above max_pixels {hi}: lower min_pixels or raise max_pixels")
+    if min_pixels is not None or max_pixels is not None:
+        new = {"shortest_edge": lo, "longest_edge": hi}
+        try:
+            ip.size = type(size)(**new)
+        except TypeError:
+            ip.size = new
+        for name, value in (("min_pixels", lo), ("max_pixels", hi)):
+            if hasattr(ip, name):
+                setattr(ip, name, value)
+    return {"min_pixels": lo, "max_pixels": hi}
+
+
+def _size_get(size, key):
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
 
 
 @dataclass
 class Prompts:
     """How each modality is wrapped before the queries are appended.
 
-    Templates fill `{text}`; `image` is an optional instruction placed after a plain image.
-    Defaults follow the paper's recipe: the chat template with no instruction.
+    The defaults are the reference recipe (CnFaker/SLQ): the model's own chat template, the
+    user turn holding the caption alone (or the image alone, with an empty instruction), then the
+    opened assistant turn (`add_generation_prompt`), then the queries. Templates fill `{text}`;
+    `image` is an optional instruction after a plain image. `system`: None keeps what the family's
+    template does without a system message (Qwen2-VL and Qwen2.5-VL insert "You are a helpful
+    assistant.", Qwen3-VL nothing): that is what the reference's `apply_chat_template` gives.
+    A string sends it as a system message instead.
     """
 
     text: str = "{text}"
     image: str = ""
     multimodal: str = "{text}"
-    add_generation_prompt: bool = False
+    add_generation_prompt: bool = True
+    system: str | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> Prompts:
+        """From a manifest or params dict; a checkpoint written before `system` existed gets None."""
+        d = dict(d or {})
+        names = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown prompt field(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
+# The reference's composed-retrieval instructions, verbatim (leading space included).
+CIR_QUERY_PROMPT = " Modify this image with {text}. Describe modified image in one word: "
+CIR_GALLERY_PROMPT = " Describe this image in one word: "
+
+
+class InputBuilder:
+    """Raw texts / images -> left-padded model inputs, for one family's processor.
+
+    Holds the processor and prompts only (no model), so DataLoader workers can build batches
+    while the model computes. `max_text_tokens` bounds a templated text sequence (training:
+    the reference truncates at 128); the caption is cut, the template is kept whole.
+    """
+
+    def __init__(self, family: type[BackboneAdapter], processor, image_token_id: int | None = None):
+        self.family = family
+        self.processor = processor
+        self.image_token_id = image_token_id
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def messages(self, text: str | None, with_image: bool, system: str | None) -> list[dict]:
+        content = []
+        if with_image:
+            content.append({"type": "image"})
+        if text:  # the reference's image with an empty instruction renders as the image alone
+            content.append({"type": "text", "text": text})
+        msgs = [{"role": "user", "content": content}]
+        if system is not None:
+            msgs.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+        return msgs
+
+    def render(self, text: str | None, with_image: bool, prompts: Prompts) -> str:
+        chat = self.processor.apply_chat_template(
+            self.messages(text, with_image, prompts.system), tokenize=False,
+            add_generation_prompt=prompts.add_generation_prompt)
+        return chat[0] if isinstance(chat, list) else chat
+
+    def _truncate(self, text: str, prompts: Prompts, max_tokens: int) -> str:
+        n = len(self.tokenizer(self.render(text, False, prompts), add_special_tokens=False)["input_ids"])
+        if n <= max_tokens:
+            return text
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        keep = max(1, len(ids) - (n - max_tokens))
+        return self.tokenizer.decode(ids[:keep])
+
+    def build(self, texts: Sequence[str | None] | None, images: Sequence | None, prompts: Prompts,
+              max_text_tokens: int | None = None) -> dict:
+        """Left-padded model inputs for a batch: texts, images, or (image, text) pairs."""
+        with_image = images is not None
+        if with_image and texts is None:
+            texts = [prompts.image] * len(images)
+        elif with_image:
+            texts = [prompts.multimodal.format(text=t) for t in texts]
+        else:
+            texts = [prompts.text.format(text=t) for t in texts]
+            if max_text_tokens:
+                texts = [self._truncate(t, prompts, max_text_tokens) for t in texts]
+        chats = [self.render(t, with_image, prompts) for t in texts]
+        kw = dict(text=chats, return_tensors="pt", padding=True)
+        if with_image:
+            kw["images"] = list(images)
+        self.tokenizer.padding_side = "left"
+        inputs = dict(self.processor(**kw))
+        return self.family.finish_inputs(inputs, self.image_token_id)
 
 
 def left_pad_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """1-D positions that skip left padding: the first real token is position 0.  # (B, L)"""
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.clamp_min(0)
+
+
+# Per-token fields of a processor's output (moved together when a batch is re-padded).
+TOKEN_FIELDS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+def right_padded_with_slots(inputs: dict, n_q: int, pad_id: int) -> tuple[dict, torch.Tensor]:
+    """A left-padded batch re-laid right-padded, with `n_q` slots right after each row's last real
+    token: [real tokens, slots, pads].  -> (inputs, slots (B, L+Nq) bool)
+
+    Under causal attention every query row of a right-padded batch sees at least its row's first
+    token, so no attention row is fully masked. Left padding gives each pad row a fully masked
+    softmax, whose backward is NaN in bf16 SDPA kernels on GPU (docs/benchmarks.md): the
+    whole-sequence path (LoRA, full fine-tuning, SLQ without the split) back-propagates through
+    every row, so it runs right-padded. Same embeddings either way (padding invariance).
+    """
+    mask = inputs["attention_mask"]
+    B, L = mask.shape
+    n = mask.long().sum(-1)  # (B,) real tokens per row
+    j = torch.arange(L + n_q, device=mask.device)  # new column index
+    src = (j.unsqueeze(0) + (L - n).unsqueeze(1)).clamp(max=L - 1)  # (B, L+Nq) old column of a real token
+    real = j.unsqueeze(0) < n.unsqueeze(1)  # (B, L+Nq)
+    slots = (j.unsqueeze(0) >= n.unsqueeze(1)) & (j.unsqueeze(0) < (n + n_q).unsqueeze(1))
+    out = dict(inputs)
+    for k in TOKEN_FIELDS:
+        if k in inputs and torch.is_tensor(inputs[k]):
+            moved = inputs[k].gather(1, src)
+            out[k] = torch.where(real, moved, torch.zeros_like(moved))
+    out["input_ids"] = torch.where(real, out["input_ids"], torch.full_like(out["input_ids"], pad_id))
+    out["attention_mask"] = (real | slots).to(mask.dtype)
+    if inputs.get("position_ids") is not None:  # explicit 1-D positions: count real tokens and slots
+        out["position_ids"] = left_pad_positions(out["attention_mask"])
+    return out, slots
+
+
+class HookNotFired(RuntimeError):
+    """A hook the forward relies on did not run (a wrapped or compiled model?)."""
 
 
 class BackboneAdapter:
@@ -156,12 +340,19 @@ class BackboneAdapter:
         model.eval()
         fwd = inspect.signature(self.base.forward).parameters
         self.cache_kwarg = "cache" if "cache" in fwd else "past_key_values"
+        self.inputs = InputBuilder(type(self), processor, getattr(model.config, "image_token_id", None))
+        self.pixel_budget: dict = set_pixel_budget(processor)  # the limits in force
+        self.pixel_override: dict = {}  # the ones set over the folder's own (recorded in checkpoints)
         self._query_embeds: torch.Tensor | None = None  # (B, Nq, D) while a forward runs
+        self._query_slots: torch.Tensor | None = None  # (B, L) bool: where the queries go
+        self._injected = False
+        self._fingerprint: str | None = None
         self.input_embeddings.register_forward_hook(self._inject_queries)
 
     # ---- loading -------------------------------------------------------------------------
     @classmethod
-    def load(cls, path, *, dtype=None, device=None, attn_implementation: str | None = None):
+    def load(cls, path, *, dtype=None, device=None, attn_implementation: str | None = None,
+             min_pixels: int | None = None, max_pixels: int | None = None):
         import transformers as tf
 
         auto = getattr(tf, cls.auto_model_cls)
@@ -175,7 +366,20 @@ class BackboneAdapter:
             model.to(device)
         processor = load_processor(path, cls.processor_cls)
         revision = getattr(model.config, "_commit_hash", None)
-        return cls(model, processor, source=str(path), revision=revision)
+        adapter = cls(model, processor, source=str(path), revision=revision)
+        adapter.pixel_budget = set_pixel_budget(processor, min_pixels, max_pixels)
+        adapter.pixel_override = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels))
+                                  if v is not None}
+        return adapter
+
+    @property
+    def fingerprint(self) -> str:
+        """Content fingerprint of the backbone's weights and config (slq.backbones.fingerprint)."""
+        if self._fingerprint is None:
+            from slq.backbones.fingerprint import backbone_fingerprint
+
+            self._fingerprint = backbone_fingerprint(self.source)
+        return self._fingerprint
 
     # ---- structure -----------------------------------------------------------------------
     @property
@@ -212,38 +416,18 @@ class BackboneAdapter:
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
+    @property
+    def chat_template(self) -> str:
+        return self.processor.chat_template
+
     # ---- inputs --------------------------------------------------------------------------
-    def messages(self, text: str | None, with_image: bool) -> list[dict]:
-        content = []
-        if with_image:
-            content.append({"type": "image"})
-        if text:
-            content.append({"type": "text", "text": text})
-        return [{"role": "user", "content": content}]
-
-    def build_inputs(self, texts: Sequence[str | None], images: Sequence | None, prompts: Prompts) -> dict:
+    def build_inputs(self, texts: Sequence[str | None] | None, images: Sequence | None, prompts: Prompts,
+                     max_text_tokens: int | None = None) -> dict:
         """Left-padded model inputs for a batch: texts, images, or (image, text) pairs."""
-        with_image = images is not None
-        if with_image and texts is None:
-            texts = [prompts.image or None] * len(images)
-        elif with_image:
-            texts = [prompts.multimodal.format(text=t) for t in texts]
-        else:
-            texts = [prompts.text.format(text=t) for t in texts]
-        chats = [
-            self.processor.apply_chat_template(
-                self.messages(t, with_image), tokenize=False, add_generation_prompt=prompts.add_generation_prompt
-            )
-            for t in texts
-        ]
-        chats = [c[0] if isinstance(c, list) else c for c in chats]
-        kw = dict(text=chats, return_tensors="pt", padding=True)
-        if with_image:
-            kw["images"] = list(images)
-        inputs = dict(self.processor(**kw))
-        return self.finish_inputs(inputs)
+        return self.inputs.build(texts, images, prompts, max_text_tokens)
 
-    def finish_inputs(self, inputs: dict) -> dict:
+    @classmethod
+    def finish_inputs(cls, inputs: dict, image_token_id: int | None) -> dict:
         """Family hook: add explicit position ids where the model would not skip left padding."""
         inputs["position_ids"] = left_pad_positions(inputs["attention_mask"])
         return inputs
@@ -255,19 +439,32 @@ class BackboneAdapter:
 
     # ---- forward -------------------------------------------------------------------------
     def _inject_queries(self, module, args, output):
-        q = self._query_embeds
+        q, slots = self._query_embeds, self._query_slots
         if q is None or output.dim() != 3 or output.shape[0] != q.shape[0]:
             return output
-        n_q = q.shape[1]
-        return torch.cat([output[:, :-n_q], q.to(output.dtype)], dim=1)  # (B, L+Nq, D)
+        self._injected = True
+        if slots is None:  # the queries are the whole input (split path) or the last Nq columns
+            n_q = q.shape[1]
+            return torch.cat([output[:, :-n_q], q.to(output.dtype)], dim=1)  # (B, L+Nq, D)
+        if slots.shape != output.shape[:2]:
+            raise HookNotFired(f"query slots {tuple(slots.shape)} do not match the embedded input "
+                               f"{tuple(output.shape[:2])}")
+        src = q.to(output.dtype).reshape(-1)  # row-major: each row's Nq slots in order
+        return output.masked_scatter(slots.unsqueeze(-1).expand_as(output), src)  # (B, L, D)
 
     @contextmanager
-    def _queries_in(self, q: torch.Tensor):
-        self._query_embeds = q
+    def _queries_in(self, q: torch.Tensor, slots: torch.Tensor | None = None):
+        self._query_embeds, self._query_slots, self._injected = q, slots, False
         try:
             yield
         finally:
-            self._query_embeds = None
+            self._query_embeds = self._query_slots = None
+        if not self._injected:
+            raise HookNotFired(
+                f"the queries were not injected: the input-embedding hook on {type(self.input_embeddings).__name__} "
+                "did not run (a wrapped or compiled model whose embedding layer is not the one registered?). "
+                "Load the backbone with slq.backbones.load_backbone and do not replace its modules."
+            )
 
     def _to_device(self, inputs: dict) -> dict:
         out = {}
@@ -280,29 +477,30 @@ class BackboneAdapter:
         return out
 
     def forward_whole(self, inputs: dict, queries: torch.Tensor) -> torch.Tensor:
-        """The whole sequence, prompt + queries, in one forward.  queries (Nq, D) -> (B, Nq, D)."""
-        inputs = self._to_device(inputs)
-        B = inputs["input_ids"].shape[0]
+        """The whole sequence, prompt + queries, in one forward.  queries (Nq, D) -> (B, Nq, D).
+
+        Run right-padded with the queries right after each row's last real token
+        (`right_padded_with_slots`): no attention row is fully masked, so the backward is finite.
+        """
         n_q = queries.shape[0]
-        ext = dict(inputs)
-        ext["input_ids"] = torch.cat([inputs["input_ids"], inputs["input_ids"].new_full((B, n_q), self.pad_id)], 1)
-        ext["attention_mask"] = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones((B, n_q))], 1)
-        if "mm_token_type_ids" in inputs:
-            ext["mm_token_type_ids"] = torch.cat(
-                [inputs["mm_token_type_ids"], inputs["mm_token_type_ids"].new_zeros((B, n_q))], 1
-            )
-        if inputs.get("position_ids") is not None:
-            pos = inputs["position_ids"]
-            ext["position_ids"] = torch.cat([pos, self.query_positions(pos, n_q)], -1)
+        ext, slots = right_padded_with_slots(self._to_device(inputs), n_q, self.pad_id)
+        B = slots.shape[0]
         q = queries.to(self.dtype).unsqueeze(0).expand(B, -1, -1)  # (B, Nq, D)
-        with self._queries_in(q):
+        with self._queries_in(q, slots):
             out = self.base(**ext, use_cache=False)
-        return out.last_hidden_state[:, -n_q:]  # (B, Nq, D)
+        D = out.last_hidden_state.shape[-1]
+        return out.last_hidden_state[slots].view(B, n_q, D)  # (B, Nq, D)
 
     def forward_last(self, inputs: dict) -> torch.Tensor:
-        """The last real token's last hidden state (left padding: the last column).  -> (B, D)"""
-        out = self.base(**self._to_device(inputs), use_cache=False)
-        return out.last_hidden_state[:, -1]
+        """The last real token's last hidden state.  -> (B, D)
+
+        Right-padded, like `forward_whole`, so that training through it has no fully masked row.
+        """
+        inputs = self._to_device(inputs)
+        ext, _ = right_padded_with_slots(inputs, 0, self.pad_id)
+        last = ext["attention_mask"].long().sum(-1) - 1  # (B,)
+        out = self.base(**ext, use_cache=False)
+        return out.last_hidden_state[torch.arange(last.shape[0], device=last.device), last]  # (B, D)
 
     def forward_split(self, inputs: dict, queries: torch.Tensor) -> torch.Tensor:
         """Prompt under no_grad into a KV cache, then only the Nq query tokens (with autograd).
@@ -324,13 +522,23 @@ class BackboneAdapter:
                 out = self.base(**inputs, use_cache=True)
         finally:
             handle.remove()
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        pos = captured.get("position_ids")
+        if "position_ids" not in captured:
+            raise HookNotFired(
+                f"the decoder's pre-hook on {type(self.decoder).__name__} did not run, so the prompt's positions "
+                "are unknown (a wrapped or compiled model?). Use split_forward: false, or load the backbone "
+                "with slq.backbones.load_backbone and do not replace its modules."
+            )
+        pos = captured["position_ids"]
         if pos is None:
-            pos = left_pad_positions(inputs["attention_mask"])
+            raise HookNotFired(
+                f"{type(self.base).__name__} called its decoder without position_ids, so the queries' positions "
+                "cannot continue the prompt's (mRoPE). This transformers version or model is not supported by "
+                "the split forward: use split_forward: false."
+            )
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones((B, n_q))], 1)
         q = queries.to(self.dtype).unsqueeze(0).expand(B, -1, -1)  # (B, Nq, D)
-        out = self.base(
+        out = self.base(  # the queries are the whole input here: no embedding lookup, no hook
             inputs_embeds=q,
             attention_mask=mask,
             position_ids=self.query_positions(pos, n_q),
@@ -340,7 +548,9 @@ class BackboneAdapter:
         return out.last_hidden_state  # (B, Nq, D)
 
 
-def load_backbone(path: str | Path, *, dtype=None, device=None, attn_implementation: str | None = None):
+def load_backbone(path: str | Path, *, dtype=None, device=None, attn_implementation: str | None = None,
+                  min_pixels: int | None = None, max_pixels: int | None = None):
     """Load a local Hugging Face MLLM checkpoint with the adapter for its `model_type`."""
     cls = get_adapter_class(read_model_type(path))
-    return cls.load(path, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    return cls.load(path, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                    min_pixels=min_pixels, max_pixels=max_pixels)

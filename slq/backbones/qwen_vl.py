@@ -15,11 +15,11 @@ from slq.backbones.base import BackboneAdapter, left_pad_positions, register_ada
 
 
 class _QwenVL(BackboneAdapter):
-    def finish_inputs(self, inputs: dict) -> dict:
+    @classmethod
+    def finish_inputs(cls, inputs: dict, image_token_id: int | None) -> dict:
         if "pixel_values" in inputs:
             if "mm_token_type_ids" not in inputs:  # older processors: derive it from the image token
-                image_token = self.model.config.image_token_id
-                inputs["mm_token_type_ids"] = (inputs["input_ids"] == image_token).int()
+                inputs["mm_token_type_ids"] = (inputs["input_ids"] == image_token_id).int()
             inputs["position_ids"] = None  # the model's get_rope_index, which reads the attention mask
         else:
             inputs.pop("mm_token_type_ids", None)
