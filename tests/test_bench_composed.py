@@ -110,7 +110,9 @@ def test_cirr_val_hand_worked(cirr_root):
     assert gal.items[0] == str(cirr_root / "dev" / f"{img(0)}.png")
     assert qry.kind == "multimodal" and qry.prompt == QUERY_PROMPT
     assert qry.items[2] == (str(cirr_root / "dev" / f"{img(4)}.png"), "zoom out")
-    assert QUERY_PROMPT == {"multimodal": "Modify this image with {text}. Describe modified image in one word: "}
+    # the reference's instructions verbatim, leading space included
+    assert QUERY_PROMPT == {"multimodal": " Modify this image with {text}. Describe modified image in one word: "}
+    assert GALLERY_PROMPT == {"image": " Describe this image in one word: "}
 
     info = res.info
     assert info["counts"]["queries"] == 4 and info["counts"]["gallery"] == CIRR_N

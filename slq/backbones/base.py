@@ -136,7 +136,27 @@ def load_processor(path: str | Path, processor_cls_name: str):
             f"backbone {path} has no chat template: expected one of {', '.join(TEMPLATE_FILES)} (or a "
             "`chat_template` in tokenizer_config.json). Copy the model's template file into the folder."
         )
+    _check_template(proc, path)
     return proc
+
+
+def _check_template(proc, path) -> None:
+    """The template must render both a caption and an image placeholder: a text-only template
+    (Qwen's tokenizer_config.json one) drops list content and every caption would embed alike."""
+    probe = "slq template probe"
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": probe}]}]
+    try:
+        out = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - any failure here means the template cannot serve us
+        raise BackboneError(f"backbone {path}: its chat template cannot render an image + text message "
+                            f"({type(e).__name__}: {e}); it is a text-only template. Put the model's multimodal "
+                            f"template ({' or '.join(TEMPLATE_FILES)}) in the folder.") from None
+    out = out[0] if isinstance(out, list) else out
+    image_token = getattr(proc, "image_token", None)
+    if probe not in out or (image_token and image_token not in out):
+        raise BackboneError(f"backbone {path}: its chat template drops the message's text or image "
+                            f"(rendered {out[:200]!r}); put the model's multimodal template "
+                            f"({' or '.join(TEMPLATE_FILES)}) in the folder.")
 
 
 def set_pixel_budget(processor, min_pixels: int | None = None, max_pixels: int | None = None) -> dict:
@@ -207,11 +227,6 @@ class Prompts:
         if unknown:
             raise ValueError(f"unknown prompt field(s) {unknown}; known: {sorted(names)}")
         return cls(**d)
-
-
-# The reference's composed-retrieval instructions, verbatim (leading space included).
-CIR_QUERY_PROMPT = " Modify this image with {text}. Describe modified image in one word: "
-CIR_GALLERY_PROMPT = " Describe this image in one word: "
 
 
 class InputBuilder:

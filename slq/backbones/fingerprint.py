@@ -18,8 +18,9 @@ import os
 import struct
 from pathlib import Path
 
-# config.json keys that do not change what the model computes
-VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "architectures")
+# config.json keys that do not change what the model computes (the storage dtype is in each tensor's hash)
+VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "architectures", "torch_dtype",
+                        "dtype")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _CHUNK = 1 << 22
 
@@ -34,8 +35,6 @@ def _canonical_config(cfg: dict) -> dict:
         if k in VOLATILE_CONFIG_KEYS:
             continue
         out[k] = _canonical_config(v) if isinstance(v, dict) else v
-    if "dtype" in out and "torch_dtype" not in out:  # transformers 5 renamed torch_dtype
-        out["torch_dtype"] = out.pop("dtype")
     return out
 
 

@@ -64,9 +64,12 @@ CURVE_K = 50  # curves and the CIRR submission cover k = 1..50
 SUBSET_KS = (1, 2, 3)
 EXAMPLES = 5  # examples per problem in a DataError message
 
-# E5-V style reference prompts, as Prompts fields per role.
-QUERY_PROMPT = {"multimodal": "Modify this image with {text}. Describe modified image in one word: "}
-GALLERY_PROMPT = {"image": "Describe this image in one word: "}
+# The reference's (E5-V style) instructions, verbatim with their leading space (CnFaker/SLQ
+# eval_qwen_on_coco.py), as Prompts fields per role.
+CIR_QUERY_PROMPT = " Modify this image with {text}. Describe modified image in one word: "
+CIR_GALLERY_PROMPT = " Describe this image in one word: "
+QUERY_PROMPT = {"multimodal": CIR_QUERY_PROMPT}
+GALLERY_PROMPT = {"image": CIR_GALLERY_PROMPT}
 FIQ_CATEGORIES = ("dress", "shirt", "toptee")
 
 
