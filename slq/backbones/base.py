@@ -131,6 +131,8 @@ def load_processor(path: str | Path, processor_cls_name: str):
         cls = getattr(tf, processor_cls_name)
         proc_cls = _image_only_processor(cls) if "video_processor" in cls.get_attributes() else cls
         proc = proc_cls.from_pretrained(str(path))
+    if not getattr(proc, "chat_template", None) and getattr(proc.tokenizer, "chat_template", None):
+        proc.chat_template = proc.tokenizer.chat_template  # older folders keep it there only; probed below
     if not getattr(proc, "chat_template", None):
         raise BackboneError(
             f"backbone {path} has no chat template: expected one of {', '.join(TEMPLATE_FILES)} (or a "
