@@ -166,7 +166,8 @@ def is_oom(e: BaseException) -> bool:
 
 
 def use_autocast(args, device) -> bool:
-    """As in slq.train.fit (bf16 autocast on GPU), for bf16 runs only: a float32 run stays float32."""
+    """Off by default: slq.train.fit runs the model in its own dtype (backbone.dtype), no autocast.
+    `--autocast` reproduces the earlier runs (bf16 autocast over a bf16 model)."""
     return bool(args.autocast and device.type == "cuda" and args.dtype == "bfloat16")
 
 
@@ -383,8 +384,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, flash_attention_2)")
-    p.add_argument("--no-autocast", dest="autocast", action="store_false",
-                   help="slq.train.fit runs under bf16 autocast on GPU; this turns it off")
+    p.add_argument("--autocast", dest="autocast", action="store_true",
+                   help="bf16 autocast over the model (earlier runs); slq.train.fit uses none: the model's dtype")
     p.add_argument("--throughput-batches", default="32,128")
     p.add_argument("--skip-whole", action="store_true", help="measure only the split way")
     p.add_argument("--seed", type=int, default=0)

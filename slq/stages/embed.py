@@ -27,15 +27,17 @@ def run(cfg: Config) -> dict:
         rows = split_rows(cfg, split)
         images = list(dict.fromkeys(r["image_id"] for r in rows))  # distinct, in manifest order
         path_of = {r["image_id"]: r["image"] for r in rows}
-        img = enc.encode_image([root / path_of[i] for i in images], batch_size=bs, progress=True)
-        txt = enc.encode_text([r["caption"] for r in rows], batch_size=bs, progress=True)
+        w = cfg.embed.num_workers
+        img = enc.encode_image([root / path_of[i] for i in images], batch_size=bs, progress=True, num_workers=w)
+        txt = enc.encode_text([r["caption"] for r in rows], batch_size=bs, progress=True, num_workers=w)
         outputs[split] = (
             img, [{"image_id": i, "image": path_of[i], "split": split} for i in images],
             txt, [{"id": r["id"], "image_id": r["image_id"], "caption": r["caption"], "split": split} for r in rows],
         )
         counts[split] = {"images": len(images), "texts": len(rows)}
     meta = {"checkpoint_hash": checkpoint_hash(ckpt), "dim": enc.backbone.hidden_size,
-            "backbone": enc.backbone.source, "model_type": enc.backbone.model_type,
+            "backbone": enc.backbone.source, "backbone_fingerprint": enc.backbone.fingerprint,
+            "model_type": enc.backbone.model_type,
             "num_queries": enc.num_queries, "method": enc.method, "prompts": enc.prompts.to_dict(),
             "data_hash": data_hash(cfg), "splits": counts}
 

@@ -24,8 +24,21 @@ HISTORY_FIELDS = ["step", "loss", "lr", "temperature", "grad_norm", "step_time"]
 def ensure_backbone(cfg: Config) -> Path:
     """The backbone directory; the built-in one is pretrained there (pretrain stage) when missing."""
     path = cfg.path(cfg.backbone.path)
-    if (path / "config.json").is_file():
+    if not backbone_missing(cfg):
         return path
+    from slq.stages import pretrain
+
+    print(f"backbone {path} missing: pretraining the built-in one (the pretrain stage)", flush=True)
+    pretrain.run(cfg)
+    return path
+
+
+def backbone_missing(cfg: Config) -> bool:
+    """Whether the backbone folder is still to be made (the built-in one, missing). A missing folder
+    that is not the built-in one is a FileNotFoundError: nothing can make it."""
+    path = cfg.path(cfg.backbone.path)
+    if (path / "config.json").is_file():
+        return False
     from slq.stages import pretrain
 
     if not pretrain.is_builtin(cfg):
@@ -33,9 +46,7 @@ def ensure_backbone(cfg: Config) -> Path:
             f"backbone directory {path} not found: set backbone.path in params.yaml to a local Hugging Face "
             f"checkpoint folder (or to pretrain.out, {cfg.pretrain.out}, for the built-in pretrained one)"
         )
-    print(f"backbone {path} missing: pretraining the built-in one (the pretrain stage)", flush=True)
-    pretrain.run(cfg)
-    return path
+    return True
 
 
 def load_encoder(cfg: Config, queries: Path | None = None, method: str | None = None):
@@ -51,6 +62,8 @@ def load_encoder(cfg: Config, queries: Path | None = None, method: str | None = 
         ensure_backbone(cfg), queries, num_queries=t.num_queries, init=t.init, seed=t.seed,
         prompts=prompts if queries is None else None, dtype=cfg.backbone.dtype, device=cfg.backbone.device,
         method=method, pooling=pooling, lora=LoraSpec(r=t.lora_r, alpha=t.lora_alpha, seed=t.seed),
+        min_pixels=cfg.backbone.min_pixels, max_pixels=cfg.backbone.max_pixels,
+        allow_backbone_mismatch=cfg.backbone.allow_mismatch,
     )
 
 
@@ -99,63 +112,127 @@ def train_method(cfg: Config, method: str, out: Path, *, lr: float, metrics_path
     conditions they were measured under: CPU threads, and how many methods ran at once
     (`side_by_side`, set by the methods stage). `on_step` and `progress` go to `slq.train.fit`.
     """
+    from slq.train import distributed_from_env, world_size
+
+    # Under torchrun: every rank checks the data and the backbone folder before the process group
+    # exists (a bad setting fails on every rank, nothing waits), then rank 0 alone pretrains the
+    # built-in backbone, and rank 0 alone writes the outputs while the others wait.
+    root = cfg.path(cfg.data.root)
+    data = [{"image": root / r["image"], "caption": r["caption"], "id": r["id"]} for r in split_rows(cfg, "train")]
+    backbone_missing(cfg)
+    global_batch = cfg.train.batch_size * world_size()
+    if method != "zero_shot" and len(data) < global_batch:  # as fit() says, but before any rank waits
+        raise ValueError(f"{len(data)} training pairs are fewer than one global batch ({global_batch}); "
+                         "lower train.batch_size or add data")
+    with distributed_from_env():
+        return _train_method(cfg, method, out, data, lr=lr, metrics_path=metrics_path, history_path=history_path,
+                             on_step=on_step, progress=progress, side_by_side=side_by_side)
+
+
+def _train_method(cfg: Config, method: str, out: Path, data: list[dict], *, lr: float, metrics_path: Path,
+                  history_path: Path | None, on_step, progress: bool, side_by_side: int) -> dict:
     import torch
 
     from slq.checkpoint import checkpoint_hash
-    from slq.train import FitConfig, fit, init_distributed_from_env
+    from slq.train import agree, fit, is_main_process, on_rank_zero, world_size
 
-    t = cfg.train
-    init_distributed_from_env()
-    root = cfg.path(cfg.data.root)
-    data = [{"image": root / r["image"], "caption": r["caption"], "id": r["id"]} for r in split_rows(cfg, "train")]
+    backbone = on_rank_zero(lambda: ensure_backbone(cfg), "make the built-in backbone")
+    agree((backbone / "config.json").is_file(), f"whether the backbone {backbone} exists (it must be on a "
+          "filesystem every rank sees)")
+    if not is_main_process():  # rank 0 shows the progress and the warnings, once
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     enc = load_encoder(cfg, method=method)
-    fit_cfg = FitConfig(**{f.name: getattr(t, f.name) for f in fields(FitConfig)})  # the loop's share of `train`
-    fit_cfg.lr = lr
+    world = world_size()
+    fit_cfg = fit_config(cfg, lr)
     cuda = enc.backbone.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    hist, result = [], None
+    hist, result, work = [], None, None
     if method != "zero_shot":
-        fingerprint = hashlib.sha256(json.dumps(
-            [asdict(t), method, lr, data_hash(cfg), str(enc.backbone.source), asdict(cfg.prompts)], sort_keys=True
-        ).encode()).hexdigest()[:12]
-        work = cfg.path(t.work_dir) / fingerprint
-        result = fit(enc, data, fit_cfg, work, on_step=on_step, progress=progress)
+        work = work_folder(cfg, method, lr, str(enc.backbone.source), world)
+        # Every rank reads work/last only after all ranks got here (rank 0 writes it only during fit),
+        # and all of them must see the same one: a run that resumes on some ranks only would deadlock.
+        agree(_resume_state(work), f"the resume state in {work} (train.work_dir must be on a filesystem every "
+              "rank sees)")
+        result = fit(enc, data, fit_cfg, work, on_step=on_step, progress=progress and is_main_process())
         hist = result.history
     wall = time.perf_counter() - t0
-    metrics = {
-        "method": method,
-        "pooling": enc.pooling,
-        "prompt": method_prompt(cfg, method),
-        "final_loss": result.final_loss if result else None,
-        "loss_first10": _mean(h["loss"] for h in hist[:10]),
-        "loss_last10": _mean(h["loss"] for h in hist[-10:]),
-        "temperature": hist[-1]["temperature"] if hist else None,
-        "steps": result.steps if result else 0,
-        "resumed_from": result.resumed_from if result else 0,
-        "lr": lr if result else None,
-        "trainable_params": sum(p.numel() for p in enc.trainable_parameters()) + (1 if result else 0),
-        "step_time_mean": _mean(h["step_time"] for h in hist),
-        "wall_time_s": wall,
-        "peak_memory_gib": _peak_memory_gib(cuda),
-        "peak_memory_kind": "cuda_allocated" if cuda else "process_rss",
-        "threads": None if cuda else torch.get_num_threads(),
-        "side_by_side": side_by_side,
-        "n_pairs": len(data),
-    }
-    manifest_training = {**asdict(fit_cfg), "method": method} if result else {"method": method, "trained": False}
-    out = enc.save(out, log_temp=result.log_temp if result else None, training=manifest_training,
-                   data={"manifest": f"{cfg.data.root}/{cfg.data.manifest}", "manifest_sha256": data_hash(cfg),
-                         "n_pairs": len(data)},
-                   metrics={k: v for k, v in metrics.items() if v is not None})
-    metrics["checkpoint_hash"] = checkpoint_hash(out)
-    write_json_atomic(metrics_path, metrics)
-    if history_path is not None:
-        write_csv_atomic(history_path, hist, HISTORY_FIELDS)
-    if result is not None:
-        shutil.rmtree(work, ignore_errors=True)  # finished: nothing left to resume
-    return metrics
+
+    def write_outputs() -> dict:  # rank 0 only
+        metrics = {
+            "method": method,
+            "pooling": enc.pooling,
+            "prompt": method_prompt(cfg, method),
+            "final_loss": result.final_loss if result else None,
+            "loss_first10": _mean(h["loss"] for h in hist[:10]),
+            "loss_last10": _mean(h["loss"] for h in hist[-10:]),
+            "temperature": hist[-1]["temperature"] if hist else None,
+            "steps": result.steps if result else 0,
+            "resumed_from": result.resumed_from if result else 0,
+            "lr": lr if result else None,
+            "trainable_params": sum(p.numel() for p in enc.trainable_parameters()) + (1 if result else 0),
+            "step_time_mean": _mean(h["step_time"] for h in hist),
+            "wall_time_s": wall,
+            "peak_memory_gib": _peak_memory_gib(cuda),
+            "peak_memory_kind": "cuda_allocated" if cuda else "process_rss",
+            "threads": None if cuda else torch.get_num_threads(),
+            "side_by_side": side_by_side,
+            "n_pairs": len(data),
+        }
+        if world > 1:
+            metrics["world_size"] = world  # train.batch_size is per rank: the global batch is batch_size x this
+        manifest_training = {**asdict(fit_cfg), "method": method} if result else {"method": method, "trained": False}
+        if world > 1 and result:
+            manifest_training["world_size"] = world
+        saved = enc.save(out, log_temp=result.log_temp if result else None, training=manifest_training,
+                         data={"manifest": f"{cfg.data.root}/{cfg.data.manifest}", "manifest_sha256": data_hash(cfg),
+                               "n_pairs": len(data)},
+                         metrics={k: v for k, v in metrics.items() if v is not None})
+        metrics["checkpoint_hash"] = checkpoint_hash(saved)
+        write_json_atomic(metrics_path, metrics)
+        if history_path is not None:
+            write_csv_atomic(history_path, hist, HISTORY_FIELDS)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)  # finished: nothing left to resume
+        return metrics
+
+    return on_rank_zero(write_outputs, f"write the checkpoint {out} and the metrics")
+
+
+def fit_config(cfg: Config, lr: float):
+    """The training loop's share of `train` (slq.train.FitConfig), with the method's learning rate."""
+    from slq.train import FitConfig
+
+    fit_cfg = FitConfig(**{f.name: getattr(cfg.train, f.name) for f in fields(FitConfig)})
+    fit_cfg.lr = lr
+    return fit_cfg
+
+
+# train settings that do not change a run's result: a killed run resumes across changes to them
+RESULT_NEUTRAL = ("out", "metrics", "history", "work_dir", "num_workers", "save_every")
+
+
+def work_folder(cfg: Config, method: str, lr: float, backbone_source: str, world: int = 1) -> Path:
+    """The resume folder of a run: keyed by everything that changes its result (settings, data,
+    backbone, prompts), with the global batch (train.batch_size x ranks) in place of the per-rank
+    one, so a run on 2 ranks x B resumes one on 1 x 2B (the same trajectory) and not one on 2 x 2B."""
+    t = dict(asdict(cfg.train), batch_size=cfg.train.batch_size * world)
+    for k in RESULT_NEUTRAL:  # where outputs go and how batches are built ahead change nothing
+        t.pop(k, None)
+    fingerprint = hashlib.sha256(json.dumps(
+        [t, method, lr, data_hash(cfg), backbone_source, asdict(cfg.prompts)], sort_keys=True
+    ).encode()).hexdigest()[:12]
+    return cfg.path(cfg.train.work_dir) / fingerprint
+
+
+def _resume_state(work: Path) -> tuple | None:
+    """What `fit` would resume from in `work` (None: a fresh start); compared across ranks."""
+    state = work / "last" / "train_state.pt"
+    return ("last", state.stat().st_size) if state.is_file() else None
 
 
 def _mean(xs) -> float | None:
