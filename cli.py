@@ -55,11 +55,18 @@ def _console():
     return Console()
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (RANK), 0 in a single process: only rank 0 prints results."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def _fail(msg: str, code: int = 1):
     from rich.markup import escape
 
+    # every rank reports its own error (under torchrun, named by rank)
+    where = f"rank {_rank()}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     # soft_wrap: no line breaks inside paths; escape: brackets in the message are text, not markup
-    _console().print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
+    _console().print(f"[bold red]error:[/] {where}{escape(msg)}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -76,6 +83,13 @@ def _table(title: str, rows: list[dict], columns: list[str] | None = None):
     _console().print(t)
 
 
+def _rank_errors() -> tuple:
+    """slq.train's errors across ranks (rank 0 failed; ranks see different files), once it is loaded:
+    evaluated when an exception is matched, so stages that never import torch do not pay for it."""
+    train = sys.modules.get("slq.train")
+    return (train.RankZeroFailed, train.RanksDisagree) if train is not None else ()
+
+
 def _run_stages(cfg, names: list[str], method: Optional[str] = None):
     from slq.pipeline import run_stage
     from slq.stages.methods import MethodFailed
@@ -83,12 +97,13 @@ def _run_stages(cfg, names: list[str], method: Optional[str] = None):
 
     results = {}
     for name in names:
-        _console().rule(f"[bold]{name}")
+        if _rank() == 0:
+            _console().rule(f"[bold]{name}")
         try:
             results[name] = run_stage(name, cfg, method) if method else run_stage(name, cfg)
         except ValidationFailed as e:
             _fail(f"validation failed; nothing downstream was run or overwritten.\n{e}")
-        except (FileNotFoundError, ValueError, MethodFailed) as e:
+        except (FileNotFoundError, ValueError, MethodFailed, *_rank_errors()) as e:
             _fail(f"stage {name}: {e}")
     return results
 
@@ -134,7 +149,8 @@ def stage(name: str = typer.Argument(..., help="validate | pretrain | train | em
         _fail("--method applies to the methods stage only")
     cfg = _config(params, set_)
     res = _run_stages(cfg, [name], method)[name]
-    _console().print_json(json.dumps(res, default=str))
+    if _rank() == 0:  # under torchrun every rank returns rank 0's result: print it once
+        _console().print_json(json.dumps(res, default=str))
 
 
 @app.command()
@@ -180,6 +196,34 @@ def data_generate(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
     cfg = _config(params, set_)
     root = ensure_data(cfg, regenerate=force)
     _console().print(f"dataset at {root}")
+
+
+@data_app.command("coco")
+def data_coco(karpathy: Path = typer.Option(..., "--karpathy", help="Karpathy's dataset_coco.json."),
+              images: Path = typer.Option(..., "--images", help="The folder holding train2014/ and val2014/."),
+              out: Path = typer.Option(Path("data/coco"), "--out", help="Where manifest.jsonl goes (data.root)."),
+              coco2017_train: Optional[Path] = typer.Option(
+                  None, "--coco2017-train", help="captions_train2017.json: train on COCO 2017 train as the reference "
+                  "code did (images under <images>/train2017). It holds most Karpathy test images: only to see "
+                  "the validate stage catch the leak."),
+              check: int = typer.Option(20, help="Sampled images that must exist (0: none); validate checks all.")):
+    """The COCO training manifest: Karpathy train + restval -> train, val -> val, test -> test.
+
+    slq data coco --karpathy /data/coco/dataset_coco.json --images /data/coco --out data/coco
+    """
+    from slq.data.coco import CocoError, build_coco_manifest
+
+    if coco2017_train is not None:
+        _console().print("[bold yellow]warning:[/] train rows from COCO 2017 train: most Karpathy test images are "
+                         "in it; the validate stage will fail on the leak (that is the point).")
+    try:
+        s = build_coco_manifest(karpathy, images, out, coco_train=coco2017_train, check=check)
+    except CocoError as e:
+        _fail(str(e))
+    _table(str(out / s["manifest"]), [{"split": k, **v} for k, v in s["splits"].items()], ["split", "images", "rows"])
+    _console().print(f"image paths: {s['image_paths']} (images under {s['images']})", soft_wrap=True)
+    _console().print(f"next: data.root: {out} and data.builtin: false in params.yaml "
+                     "(params/paper-qwen3-vl-4b.yaml has them), then `slq stage validate`")
 
 
 def _show_metrics(metrics: dict, title: str = "retrieval metrics"):

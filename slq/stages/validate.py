@@ -8,20 +8,29 @@ Per-row facts GX cannot see (does the file exist, does it decode, is it shared b
 an eval split) are computed in pandas as derived columns that hold the offending value, or null
 when the row is fine; the suite then checks them alongside the plain manifest columns.
 
+A leak is an eval-split row whose image train also uses: the same `image_id`, the same file path,
+or a file with the same bytes under another name (sha256; e.g. COCO 2017's train2017/<id>.jpg is
+val2014/COCO_val2014_<id>.jpg, for most Karpathy test images). Every image is read once, in a
+few threads, for its hash and a full decode; the results are cached by (path, size, mtime) in
+`validate.cache`, so re-validating ~123K COCO images reads only new or changed files.
+
 The report is written only when the data passes, so downstream stages (and DVC) never see a
 report for bad data; a failing run writes `<report stem>.failed.json` next to it instead.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from slq.config import Config, ValidateConfig
 from slq.data.world import load_manifest
-from slq.io import write_json_atomic
+from slq.io import file_sha256, write_json_atomic
 
 if TYPE_CHECKING:  # pandas and PIL load when the stage runs, not with the CLI
     import pandas as pd
@@ -43,7 +52,9 @@ def run(cfg: Config) -> dict:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     v = cfg.validate
     root = cfg.path(cfg.data.root)
-    df = build_frame(load_manifest(root, cfg.data.manifest), root, v)
+    cache = cfg.path(v.cache) if v.cache else None
+    stats: dict = {}
+    df = build_frame(load_manifest(root, cfg.data.manifest), root, v, cache=cache, stats=stats)
     docs = cfg.path(v.data_docs) if v.data_docs else None
     results = _check(df, _expectations(v), docs, v.examples)
     success = all(r["success"] for r in results)
@@ -51,6 +62,7 @@ def run(cfg: Config) -> dict:
         "success": success,
         "manifest": f"{cfg.data.root}/{cfg.data.manifest}",
         **_counts(df),
+        "images_sha256": stats.get("images_sha256"),  # pins the bytes of every image (DVC tracks only the manifest)
         "expectations": results,
         "data_docs": f"{v.data_docs}/index.html" if docs else None,
     }
@@ -61,14 +73,17 @@ def run(cfg: Config) -> dict:
         raise ValidationFailed(_failure_message(report, failed_path), report, failed_path)
     write_json_atomic(path, report)
     failed_path.unlink(missing_ok=True)  # a stale failure report would only confuse
-    return {"success": True, **_counts(df), "report": str(path)}
+    return {"success": True, **_counts(df), "report": str(path),
+            "image_files": {k: stats[k] for k in ("files", "read", "cached")}}
 
 
-def build_frame(rows: list[dict], root: Path, v: ValidateConfig) -> pd.DataFrame:
+def build_frame(rows: list[dict], root: Path, v: ValidateConfig, cache: Path | None = None,
+                stats: dict | None = None, progress: bool = True) -> pd.DataFrame:
     """The manifest as a DataFrame plus derived columns, each the offending value or None.
 
     image_missing: the image path when the file does not exist; image_error: why an existing
-    file does not decode; leak: which train image an eval-split row reuses.
+    file does not decode; leak: which train image an eval-split row reuses (by id, path or bytes).
+    `stats` receives how many files were read and cached, and a digest of every image's sha256.
     """
     import pandas as pd
 
@@ -77,32 +92,145 @@ def build_frame(rows: list[dict], root: Path, v: ValidateConfig) -> pd.DataFrame
         if c not in df:
             df[c] = None
     df = df.astype(object).where(df.notna(), None)
-    ids, splits = df["image_id"].tolist(), df["split"].tolist()
+    ids, splits, row_ids = df["image_id"].tolist(), df["split"].tolist(), df["id"].tolist()
     norm = [os.path.normpath(p) if isinstance(p, str) else None for p in df["image"]]
-    problems = {p: _image_problem(Path(root) / p) for p in set(norm) - {None}}
-    df["image_missing"] = [p if p and problems[p] == "missing" else None for p in norm]
-    df["image_error"] = [problems[p] if p and problems[p] != "missing" else None for p in norm]
-
-    train_ids = {i for i, s in zip(ids, splits) if s == "train"} - {None}
-    train_paths = {p for p, s in zip(norm, splits) if s == "train"} - {None}
-
-    def leak(image_id, path, split):
-        if split not in v.eval_splits:
-            return None
-        shared = [f"image_id {image_id}"] if image_id in train_ids else []
-        shared += [f"image {path}"] if path in train_paths else []
-        return " and ".join(shared) + " also used by train" if shared else None
-
-    df["leak"] = [leak(*row) for row in zip(ids, norm, splits)]
+    facts = inspect_images(sorted(set(norm) - {None}), Path(root), cache, progress, stats)
+    df["image_missing"] = [p if p and facts[p][0] == "missing" else None for p in norm]
+    df["image_error"] = [facts[p][0] if p and facts[p][0] not in (None, "missing") else None for p in norm]
+    df["leak"] = find_leaks(ids, norm, splits, row_ids, {p: f[1] for p, f in facts.items()}, v.eval_splits)
+    if stats is not None:
+        digest = hashlib.sha256("".join(f"{p}\t{f[1]}\n" for p, f in sorted(facts.items())).encode())
+        stats["images_sha256"] = digest.hexdigest()
     return df
 
 
+def find_leaks(ids: list, paths: list, splits: list, row_ids: list, sha: dict, eval_splits) -> list[str | None]:
+    """Per row: None, or for an eval-split row what it shares with train: the image id, the image
+    path, or (under another name) the image's bytes, naming the train image and row."""
+    train_ids, train_paths, train_bytes = set(), set(), {}
+    for image_id, path, split, row_id in zip(ids, paths, splits, row_ids):
+        if split == "train":
+            train_ids.add(None if image_id is None else str(image_id))
+            train_paths.add(path)
+            if sha.get(path):
+                train_bytes.setdefault(sha[path], (path, row_id))
+    train_ids.discard(None)
+    train_paths.discard(None)
+
+    def leak(image_id, path, split):
+        if split not in eval_splits:
+            return None
+        shared = [f"image_id {image_id}"] if image_id is not None and str(image_id) in train_ids else []
+        shared += [f"image {path}"] if path in train_paths else []
+        if shared:
+            return " and ".join(shared) + " also used by train"
+        if sha.get(path) in train_bytes:
+            other, row_id = train_bytes[sha[path]]
+            return f"image {path} has the same bytes as train image {other} (row {row_id!r})"
+        return None
+
+    return [leak(*row) for row in zip(ids, paths, splits)]
+
+
+CACHE_TABLE = "images_v1"  # bump when what is cached (the decode check) changes
+
+
+def inspect_images(paths: list[str], root: Path, cache: Path | None = None, progress: bool = True,
+                   stats: dict | None = None) -> dict[str, tuple[str | None, str | None]]:
+    """{path: (problem, sha256)} for each image path under `root`: problem is None, 'missing' or why
+    the file does not decode. Files are read in threads (hashing and decoding release the GIL);
+    results are cached in the sqlite file `cache` by (absolute path, size, mtime)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    known = _cache_load(cache)
+    fresh: list[tuple] = []
+    out: dict[str, tuple[str | None, str | None]] = {}
+
+    def one(p: str):
+        full = os.path.abspath(root / p)
+        try:
+            st = os.stat(full)
+        except OSError:
+            return p, ("missing", None), None
+        if not stat.S_ISREG(st.st_mode):
+            return p, ("missing", None), None
+        hit = known.get(full)
+        if hit is not None and hit[:2] == (st.st_size, st.st_mtime_ns):
+            return p, hit[2:], None
+        fact = _image_problem(Path(full)), file_sha256(full)
+        return p, fact, (full, st.st_size, st.st_mtime_ns, *fact)
+
+    workers = min(16, 2 * (os.cpu_count() or 1))
+    bar = _bar(len(paths), progress)
+    with ThreadPoolExecutor(workers) as pool:
+        for p, fact, row in pool.map(one, paths):
+            out[p] = fact
+            if row is not None:
+                fresh.append(row)
+                if len(fresh) % 5000 == 0:  # an interrupted run keeps what it read
+                    _cache_save(cache, fresh[-5000:])
+            bar.update(1)
+    bar.close()
+    _cache_save(cache, fresh[len(fresh) - len(fresh) % 5000:])
+    cached = sum(1 for f in out.values() if f[0] != "missing") - len(fresh)
+    if stats is not None:
+        stats.update(files=len(paths), read=len(fresh), cached=cached)
+    if progress and len(paths) >= 1000:
+        print(f"validate: {len(paths)} image files, {len(fresh)} read, {cached} from the cache ({cache})", flush=True)
+    return out
+
+
+def _cache_load(cache: Path | None) -> dict:
+    """{absolute path: (size, mtime_ns, problem, sha256)} from the cache file; {} if none or unreadable."""
+    if cache is None or not cache.is_file():
+        return {}
+    import sqlite3
+
+    try:
+        with sqlite3.connect(cache) as db:
+            rows = db.execute(f"SELECT path, size, mtime_ns, problem, sha256 FROM {CACHE_TABLE}").fetchall()
+    except sqlite3.Error:  # an old or broken cache is only a slower run
+        return {}
+    return {r[0]: tuple(r[1:]) for r in rows}
+
+
+def _cache_save(cache: Path | None, rows: list[tuple]) -> None:
+    if cache is None or not rows:
+        return
+    import sqlite3
+    import warnings
+
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with sqlite3.connect(cache) as db:
+            db.execute(f"CREATE TABLE IF NOT EXISTS {CACHE_TABLE} (path TEXT PRIMARY KEY, size INTEGER, "
+                       "mtime_ns INTEGER, problem TEXT, sha256 TEXT)")
+            db.executemany(f"INSERT OR REPLACE INTO {CACHE_TABLE} VALUES (?, ?, ?, ?, ?)", rows)
+    except (sqlite3.Error, OSError) as e:
+        warnings.warn(f"validate.cache {cache}: not written ({e}); the next run reads every image again",
+                      stacklevel=2)
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _bar(total: int, progress: bool):
+    if not progress or total < 1000:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="validate images", unit="image", mininterval=2.0)
+
+
 def _image_problem(path: Path) -> str | None:
-    """'missing', an error message if the file does not decode, or None when it is a good image."""
+    """An error message if the file does not decode, or None when it is a good image."""
     from PIL import Image
 
-    if not path.is_file():
-        return "missing"
     try:
         with Image.open(path) as im:
             im.verify()  # checks the structure (chunk CRCs for PNG) ...
@@ -135,8 +263,10 @@ def _expectations(v: ValidateConfig) -> list:
         gxe.ExpectColumnValuesToBeNull(
             column="image_error", meta={"fix": "replace the corrupt image files (PIL cannot decode them)"}),
         gxe.ExpectColumnValuesToBeNull(
-            column="leak", meta={"fix": f"drop the rows in {list(v.eval_splits)} that reuse train images, "
-                                        "or move those images out of train"}),
+            column="leak", meta={"fix": f"an image of {list(v.eval_splits)} is also trained on: drop those rows "
+                                        "or move the image out of train. COCO: train on Karpathy train+restval "
+                                        "only (`slq data coco` builds that manifest); COCO 2017 train holds most "
+                                        "Karpathy test images"}),
     ]
 
 
@@ -176,8 +306,7 @@ def _result(r, examples: int) -> dict:
         "kwargs": {k: _plain(x) for k, x in sorted(conf.kwargs.items()) if k not in ("column", "batch_id")},
         "success": bool(r.success),
         "unexpected_count": int(res.get("unexpected_count", 0) or 0),
-        "examples": [{"id": _plain(e.get("id")), "value": _plain(e.get(column, e.get("id")))}
-                     for e in (res.get("unexpected_index_list") or [])[:examples]],
+        "examples": _examples(res.get("unexpected_index_list") or [], column, examples),
         "fix": conf.meta.get("fix") if conf.meta else None,
     }
     if "observed_value" in res:
@@ -188,6 +317,20 @@ def _result(r, examples: int) -> dict:
     elif any(isinstance(x, dict) and x.get("raised_exception") for x in info.values()):  # per-metric errors
         out["error"] = "; ".join(str(x.get("exception_message")) for x in info.values()
                                  if isinstance(x, dict) and x.get("raised_exception"))
+    return out
+
+
+def _examples(unexpected: list, column: str | None, n: int) -> list[dict]:
+    """The first `n` failing rows with distinct values (not five captions of one leaked image)."""
+    out, seen = [], set()
+    for e in unexpected:
+        value = _plain(e.get(column, e.get("id")))
+        key = json.dumps(value, sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            out.append({"id": _plain(e.get("id")), "value": value})
+            if len(out) == n:
+                break
     return out
 
 
