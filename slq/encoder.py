@@ -140,6 +140,7 @@ class SLQEncoder(nn.Module):
         if ckpt is not None:
             q, _, manifest = ckpt
             check_backbone(manifest, adapter, queries, allow_backbone_mismatch)
+            _check_template(manifest, adapter, queries)
             lq = None
             if q.shape[0]:
                 lq = LatentQueries(q.shape[0], q.shape[1])
@@ -329,6 +330,20 @@ def check_backbone(manifest: dict, adapter: BackboneAdapter, ckpt, allow_mismatc
         )
 
 
+def _check_template(manifest: dict, adapter: BackboneAdapter, ckpt) -> None:
+    """Warn when the backbone folder's chat template is not the one the checkpoint was trained with
+    (the weights can be the same while a template file was edited or swapped)."""
+    import hashlib
+    import warnings
+
+    want = (manifest.get("template") or {}).get("chat_template_sha256")
+    have = hashlib.sha256((adapter.chat_template or "").encode()).hexdigest()
+    if want and want != have:
+        warnings.warn(f"{adapter.source}'s chat template (sha256 {have[:12]}) is not the one checkpoint {ckpt} was "
+                      f"trained with ({want[:12]}): inputs will not be wrapped as in training; the rendered "
+                      "strings it was trained with are in its slq.json under `template`", stacklevel=3)
+
+
 class EncodeBatches(torch.utils.data.Dataset):
     """Batch i of an encoding job -> (item indices, model inputs). Holds no model (see InputBuilder)."""
 
@@ -363,12 +378,13 @@ def _identity(x):
     return x
 
 
-def _visual_tokens(inputs: dict) -> int:
-    """Visual tokens in a batch (Qwen-VL: from image_grid_thw; 0 when not stated)."""
+def _visual_tokens(inputs: dict, merge: int = 2) -> int:
+    """Visual tokens in a batch (Qwen-VL: patches from image_grid_thw, merge x merge per token;
+    0 when the processor does not state it)."""
     thw = inputs.get("image_grid_thw")
     if thw is None:
         return 0
-    return int(thw.prod(-1).sum()) // 4  # merge 2 x 2 patches per token
+    return int(thw.prod(-1).sum()) // (merge * merge)
 
 
 class _NoBar:

@@ -136,7 +136,9 @@ def fit(
 
         bar = tqdm(total=cfg.steps, initial=start, desc="train queries", unit="step")
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    from slq.encoder import make_loader
+    from slq.encoder import _visual_tokens, make_loader
+
+    merge = getattr(getattr(encoder.backbone.processor, "image_processor", None), "merge_size", 2) or 2
 
     steps = StepBatches(encoder.backbone.inputs, encoder.prompts, data, global_batch, cfg, rank)
     loader = iter(make_loader(steps, range(start, end), cfg.num_workers, device))
@@ -179,7 +181,9 @@ def fit(
             _save_state(last, encoder, loss_fn, opt, sched, done, result.history, cfg)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", t=f"{rec['temperature']:.3f}")
+            vis = _visual_tokens(img_inputs, merge) / max(1, len(ids))
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", t=f"{rec['temperature']:.3f}",
+                            **({"visual_tokens_per_image": f"{vis:.0f}"} if vis else {}))
         if on_step is not None:
             on_step(rec)
     if bar is not None:

@@ -52,3 +52,16 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def real_layout_dirs(tmp_path_factory):
+    """One folder per family laid out like its real Hugging Face download (tests/real_layout.py)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from real_layout import FAMILIES, build_real_layout
+
+    root = tmp_path_factory.mktemp("real_layout_dirs")
+    return {f: build_real_layout(f, root / f) for f in FAMILIES}

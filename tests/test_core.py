@@ -14,10 +14,15 @@ IMAGES = [Image.new("RGB", (60, 90), "red"), Image.new("RGB", (120, 60), "blue")
 TEXTS = ["a red circle on the left", "hi", "a much longer caption about a small blue square at the top right"]
 
 
-@pytest.fixture(scope="module", params=TINY_TYPES)
-def encoder(request, tiny_dirs):
+@pytest.fixture(scope="module", params=[*TINY_TYPES, *(f"real:{t}" for t in TINY_TYPES)])
+def encoder(request, tiny_dirs, real_layout_dirs):
+    """Every family twice: its tiny test model, and a folder laid out like its real download
+    (real config, special token ids, chat_template.json beside tokenizer_config.json's own
+    template, real preprocessor settings; no torchvision needed)."""
     torch.manual_seed(0)
-    return SLQEncoder.from_pretrained(tiny_dirs[request.param], num_queries=4, seed=1)
+    kind, _, family = request.param.rpartition(":")
+    folder = real_layout_dirs[family] if kind == "real" else tiny_dirs[family]
+    return SLQEncoder.from_pretrained(folder, num_queries=4, seed=1)
 
 
 def batches(enc):
