@@ -240,7 +240,8 @@ FIQ_ROWS = {
 
 
 def join(a: str, b: str) -> str:
-    return f"{a.rstrip('.')} and {b.rstrip('.')}"
+    """The reference's FashionIQ modification text (eval_qwen_on_coco.py)."""
+    return '"' + ", ".join(c.strip(".?, ") for c in (a, b)) + '"'
 
 
 @pytest.fixture
@@ -279,11 +280,14 @@ def test_fashioniq_hand_worked(fiq_root):
     # per category: one gallery corpus (that category's images only), then both caption orders
     assert [c.kind for c in emb.calls] == ["image", "multimodal", "multimodal"] * 3
     for cat, (gal, o1, o2) in zip(FIQ_IDS, zip(*[iter(emb.calls)] * 3)):
-        assert [Path(p).stem for p in gal.items] == FIQ_IDS[cat] and gal.prompt == GALLERY_PROMPT
-        assert o1.prompt == o2.prompt == QUERY_PROMPT
+        name = "shirt" if cat == "toptee" else cat  # the reference's per-category instructions, verbatim
+        assert [Path(p).stem for p in gal.items] == FIQ_IDS[cat]
+        assert gal.prompt == {"image": f" Describe this {name} in one word based on its style: "}
+        assert o1.prompt == o2.prompt == {"multimodal": f" Change the style of this {name} to {{text}}. "
+                                                        f"Describe this modified {name} in one word based on its style: "}
     dress_o1, dress_o2 = emb.calls[1].items, emb.calls[2].items
-    assert dress_o1[0] == (str(fiq_root / "images" / "d0.jpg"), "is red and has sleeves")
-    assert dress_o2[0] == (str(fiq_root / "images" / "d0.jpg"), "has sleeves and is red")
+    assert dress_o1[0] == (str(fiq_root / "images" / "d0.jpg"), '"is red, has sleeves"')
+    assert dress_o2[0] == (str(fiq_root / "images" / "d0.jpg"), '"has sleeves, is red"')
 
     info = res.info
     assert info["categories"] == ["dress", "shirt", "toptee"]

@@ -336,8 +336,23 @@ class FashionIQ(Benchmark):
     `image_ext` (default jpg), `check_images` (default true), `prompts` ({"query", "gallery"})."""
 
     paper: ClassVar[dict[str, float]] = {"mean_R@50": 43.1}
-    prompts: ClassVar[dict[str, dict]] = {"query": QUERY_PROMPT, "gallery": GALLERY_PROMPT}
-    caption_orders: ClassVar[tuple[str, ...]] = ("{c1} and {c2}", "{c2} and {c1}")  # embedded separately, summed
+    # The reference's instructions, per category (toptee is called "shirt"), leading space
+    # included; `options.prompts` replaces them for every category.
+    prompts: ClassVar[dict[str, dict]] = {}
+    caption_orders: ClassVar[tuple[str, ...]] = ("c1, c2", "c2, c1")  # embedded separately, summed
+
+    def category_prompts(self, category: str) -> dict[str, dict]:
+        if self.prompts:
+            return {"query": QUERY_PROMPT, "gallery": GALLERY_PROMPT, **self.prompts}
+        name = "shirt" if category == "toptee" else category
+        return {"query": {"multimodal": f" Change the style of this {name} to {{text}}. Describe this modified "
+                                        f"{name} in one word based on its style: "},
+                "gallery": {"image": f" Describe this {name} in one word based on its style: "}}
+
+    @staticmethod
+    def query_text(first: str, second: str) -> str:
+        """The reference's modification text: both captions, quoted, comma-separated."""
+        return '"' + ", ".join(c.strip(".?, ") for c in (first, second)) + '"'
 
     def evaluate(self, embedder: Embedder, ks=(1, 5, 10)) -> Result:
         cats, dropped = self._load()
@@ -359,7 +374,7 @@ class FashionIQ(Benchmark):
             "counts": counts,
             "files": [str(p.relative_to(self.root)) for p in files],
             "data_hash": files_hash(files),
-            "prompts": self.prompts,
+            "prompts": {c.name: self.category_prompts(c.name) for c in cats},
             "caption_orders": list(self.caption_orders),
             "reference_excluded": False,
             "partial": bool(self.partial),
@@ -373,13 +388,16 @@ class FashionIQ(Benchmark):
 
     def _rank(self, embedder: Embedder, c: _FiqCategory, depth: int) -> np.ndarray:
         """First-hit rank of each query's target in its category's gallery.  # (Q,)"""
-        gal = embedder.embed(Corpus("image", c.paths, self.prompts["gallery"], c.corpus_hash))  # (G, D)
+        prompts = self.category_prompts(c.name)
+        gal = embedder.embed(Corpus("image", c.paths, prompts["gallery"], c.corpus_hash))  # (G, D)
         index = {n: i for i, n in enumerate(c.ids)}
         qry = 0
-        for order in self.caption_orders:
-            items = [(c.paths[index[r["candidate"]]],
-                      order.format(c1=_clean(r["captions"][0]), c2=_clean(r["captions"][1]))) for r in c.rows]
-            qry = qry + embedder.embed(Corpus("multimodal", items, self.prompts["query"], c.corpus_hash))  # (Q, D)
+        for swap in (False, True):
+            items = []
+            for r in c.rows:
+                c1, c2 = _clean(r["captions"][0]), _clean(r["captions"][1])
+                items.append((c.paths[index[r["candidate"]]], self.query_text(*((c2, c1) if swap else (c1, c2)))))
+            qry = qry + embedder.embed(Corpus("multimodal", items, prompts["query"], c.corpus_hash))  # (Q, D)
         qry = qry / np.maximum(np.linalg.norm(qry, axis=1, keepdims=True), 1e-12)  # (Q, D)
         top, _ = topk(qry, gal, depth)  # (Q, k)
         return first_hit_rank(top, np.array([index[r["target"]] for r in c.rows], dtype=np.int64))
