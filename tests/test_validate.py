@@ -81,8 +81,15 @@ def bad_caption(world):
     return "expect_column_value_lengths_to_be_between(caption)", "train-00003-c1"
 
 
+def blank_caption(world):
+    def edit(rows):
+        rows[9]["caption"] = " \t   \n "  # long enough, but no word in it
+    _rewrite(world / "manifest.jsonl", edit)
+    return "expect_column_values_to_match_regex(caption)", "train-00004-c1"
+
+
 @pytest.mark.parametrize("breakage", [missing_image, duplicate_id, train_image_in_test, truncated_png,
-                                      bad_caption])
+                                      bad_caption, blank_caption])
 def test_broken_data_fails_and_keeps_good_report(validated, tmp_path, breakage):
     shutil.copytree(validated[0], tmp_path, dirs_exist_ok=True)
     cfg = make_cfg(tmp_path)

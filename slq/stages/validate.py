@@ -255,6 +255,9 @@ def _expectations(v: ValidateConfig) -> list:
             column="caption", min_value=lo, max_value=hi,
             meta={"fix": f"fix or drop captions outside {lo}..{hi} characters "
                          "(or change validate.min_caption_chars/max_caption_chars)"}),
+        gxe.ExpectColumnValuesToMatchRegex(
+            column="caption", regex=r"\S",
+            meta={"fix": "fix or drop captions made only of spaces, tabs or newlines"}),
         gxe.ExpectColumnValuesToBeInSet(
             column="split", value_set=list(v.splits),
             meta={"fix": f"use one of {list(v.splits)} as `split` (or change validate.splits)"}),
