@@ -37,6 +37,7 @@ from slq.data.world import (
     load_scenes,
     render_scene,
 )
+from slq.benchmarks.composed import GALLERY_PROMPT, QUERY_PROMPT
 from slq.io import write_bytes_atomic
 
 
@@ -141,10 +142,7 @@ class WorldComposed(Benchmark):
     the world's renderer) next to the embedding cache; the gallery is the split's images plus
     every target, and each query's reference image is removed from its own ranking."""
 
-    prompts: ClassVar[dict] = {
-        "query": {"multimodal": "Modify this image with {text}. Describe modified image in one word: "},
-        "gallery": {"image": "Describe this image in one word: "},
-    }
+    prompts: ClassVar[dict] = {"query": QUERY_PROMPT, "gallery": GALLERY_PROMPT}  # CIRR's: the reference's, verbatim
 
     def evaluate(self, embedder, ks=(1, 5, 10)) -> Result:
         import io
