@@ -6,6 +6,7 @@ Heavy libraries (torch, mlflow, prefect, lancedb, GX) are imported inside the co
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -30,29 +31,31 @@ app.add_typer(flow_app, name="flow")
 
 ParamsOpt = typer.Option("params.yaml", "--params", "-p", help="The params file (all paths and settings).")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a param: section.key=value (YAML value). Repeatable.")
+JsonOpt = typer.Option(False, "--json", help="Machine-readable JSON on stdout (nothing else there).")
+TARGETS = ("image", "text")
 
 
 def _config(params: Path, overrides: Optional[list[str]] = None):
-    import yaml
-
+    """The config: `params` (which must exist) with `--set` overrides, each value parsed as YAML
+    (the same rule in every command and in the Prefect flow)."""
     from slq.config import ConfigError, load_config
 
-    values = {}
-    for item in overrides or []:
-        if "=" not in item:
-            raise typer.BadParameter(f"--set {item!r}: expected section.key=value")
-        key, raw = item.split("=", 1)
-        values[key] = yaml.safe_load(raw)
     try:
-        return load_config(params, values)
+        return load_config(params, list(overrides or []))
     except ConfigError as e:
         _fail(str(e))
 
 
-def _console():
+def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console()
+    return Console(stderr=stderr)
+
+
+def _print_json(obj) -> None:
+    """`obj` as JSON on stdout, and nothing else."""
+    sys.stdout.write(json.dumps(obj, default=str, indent=2) + "\n")
+    sys.stdout.flush()
 
 
 def _rank() -> int:
@@ -65,22 +68,69 @@ def _fail(msg: str, code: int = 1):
 
     # every rank reports its own error (under torchrun, named by rank)
     where = f"rank {_rank()}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    # soft_wrap: no line breaks inside paths; escape: brackets in the message are text, not markup
-    _console().print(f"[bold red]error:[/] {where}{escape(msg)}", soft_wrap=True)
+    # on stderr (stdout stays clean for --json); soft_wrap: no line breaks inside paths;
+    # escape: brackets in the message are text, not markup
+    _console(stderr=True).print(f"[bold red]error:[/] {where}{escape(msg)}", soft_wrap=True)
     raise typer.Exit(code)
 
 
-def _table(title: str, rows: list[dict], columns: list[str] | None = None):
+def _user_error_types() -> tuple:
+    """The exception types that are the user's to fix (bad config, input, checkpoint, backbone, a
+    missing file, an unknown MLflow run or version), among the modules loaded so far: a module
+    that was never imported cannot have raised its error, and `slq --help` stays fast."""
+    names = {"slq.config": "ConfigError", "slq.backbones.base": "BackboneError",
+             "slq.checkpoint": "CheckpointError", "slq.inputs": "InputError", "slq.data.coco": "CocoError",
+             "slq.benchmarks.base": "DataError", "mlflow.exceptions": "MlflowException"}
+    types = [getattr(sys.modules[m], n) for m, n in names.items() if m in sys.modules]
+    return (FileNotFoundError, NotADirectoryError, IsADirectoryError, *types)
+
+
+def _one_line(e: BaseException) -> str:
+    """The error's message: an OS error as "what: path", MLflow's as its message."""
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.strerror or type(e).__name__}: {e.filename}"
+    return str(getattr(e, "message", None) or e).strip() or type(e).__name__
+
+
+def _user_errors(fn):
+    """Every command: a user error is one `error: ...` line and exit code 1, never a traceback
+    (SLQ_DEBUG=1 re-raises it, traceback and all)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            if os.environ.get("SLQ_DEBUG") or not isinstance(e, _user_error_types()):
+                raise
+            _fail(_one_line(e))
+
+    return wrapper
+
+
+def _table(title: str, rows: list[dict], columns: list[str] | None = None, keep: tuple = ()):
+    """A rich table; the columns in `keep` are never wrapped or cut (ids to copy): the console
+    widens to fit them rather than fold them."""
+    from rich.console import Console
+    from rich.measure import Measurement
     from rich.table import Table
 
     columns = columns or (list(rows[0]) if rows else [])
     t = Table(title=title)
     for c in columns:
-        t.add_column(c)
+        t.add_column(c, no_wrap=c in keep, overflow="ignore" if c in keep else "fold")
     for r in rows:
         t.add_row(*["" if r.get(c) is None else (f"{r[c]:.4f}" if isinstance(r.get(c), float) else str(r[c]))
                     for c in columns])
-    _console().print(t)
+    console = _console()
+    if keep:
+        m = Measurement.get(console, console.options.update_width(100_000), t)
+        need = min(m.maximum, m.minimum + 40)  # the kept columns whole, the others some room
+        if m.minimum > console.width:
+            console = Console(width=need)
+    console.print(t)
 
 
 def _rank_errors() -> tuple:
@@ -109,6 +159,7 @@ def _run_stages(cfg, names: list[str], method: Optional[str] = None):
 
 
 @app.command()
+@_user_errors
 def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
         start: Optional[str] = typer.Option(None, "--from", help="First stage to run."),
         stop: Optional[str] = typer.Option(None, "--to", help="Last stage to run.")):
@@ -127,7 +178,7 @@ def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
     names = names[names.index(start) if start else 0: names.index(stop) + 1 if stop else len(names)]
     results = _run_stages(cfg, names)
     if "evaluate" in results:
-        _show_metrics(results["evaluate"])
+        _show_evaluation(results["evaluate"], cfg.evaluate.metrics, cfg.evaluate.split)
     if "register" in results:
         r = results["register"]
         _console().print(f"registered {r['model_name']} v{r['version']}: "
@@ -135,6 +186,7 @@ def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
 
 
 @app.command()
+@_user_errors
 def stage(name: str = typer.Argument(..., help="validate | pretrain | train | embed | index | evaluate | methods | "
                                                   "compare | register"),
           method: Optional[str] = typer.Option(None, help="methods stage: run this one method (zero_shot, lora, "
@@ -154,6 +206,7 @@ def stage(name: str = typer.Argument(..., help="validate | pretrain | train | em
 
 
 @app.command()
+@_user_errors
 def evaluate(benchmark: Optional[list[str]] = typer.Option(
                  None, "--benchmark", "-b", help="NAME or NAME=ROOT (repeatable); default: evaluate.benchmarks"),
              checkpoint: Optional[Path] = typer.Option(None, help="A query checkpoint folder (default: train.out); "
@@ -188,6 +241,7 @@ def evaluate(benchmark: Optional[list[str]] = typer.Option(
 
 
 @data_app.command("generate")
+@_user_errors
 def data_generate(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
                   force: bool = typer.Option(False, help="Regenerate even if the folder exists.")):
     """Write the built-in synthetic world at data.root (byte-identical for a given seed)."""
@@ -199,6 +253,7 @@ def data_generate(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
 
 
 @data_app.command("coco")
+@_user_errors
 def data_coco(karpathy: Path = typer.Option(..., "--karpathy", help="Karpathy's dataset_coco.json."),
               images: Path = typer.Option(..., "--images", help="The folder holding train2014/ and val2014/."),
               out: Path = typer.Option(Path("data/coco"), "--out", help="Where manifest.jsonl goes (data.root)."),
@@ -226,66 +281,214 @@ def data_coco(karpathy: Path = typer.Option(..., "--karpathy", help="Karpathy's 
                      "(params/paper-qwen3-vl-4b.yaml has them), then `slq stage validate`")
 
 
+def _numbers(d: dict, prefix: str = "") -> dict:
+    """The numbers (and flags) of a metrics dict, nested dicts flattened as a.b; text left out."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_numbers(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _show_metrics(metrics: dict, title: str = "retrieval metrics"):
     rows = [{"metric": k, "value": v} for k, v in metrics.items() if isinstance(v, (int, float))]
     _table(title, rows, ["metric", "value"])
 
 
+def _side_by_side(title: str, columns: dict[str, dict]):
+    """One row per metric, one column per source (a benchmark, a run); blank where it has none."""
+    keys = list(dict.fromkeys(k for m in columns.values() for k in m))
+    rows = [{"metric": k, **{name: m.get(k) for name, m in columns.items()}} for k in keys]
+    _table(title, rows, ["metric", *columns], keep=("metric",))
+
+
+def _show_evaluation(ev: dict, source: str, split: str, reports: dict | None = None):
+    """The evaluate stage's metrics: its split, every benchmark of its report side by side, the
+    modality gap; `reports`: benchmark files in the report folder that eval.json does not hold."""
+    _show_metrics({k: v for k, v in ev.items() if k not in ("benchmarks", "modality_gap")},
+                  f"evaluate: {split} split")
+    benches = {name: _numbers(m) for name, m in (ev.get("benchmarks") or {}).items() if isinstance(m, dict)}
+    benches.update({f"{name} (report file)": _numbers(m) for name, m in (reports or {}).items()})
+    if benches:
+        _side_by_side(f"benchmarks ({source})", benches)
+    if isinstance(ev.get("modality_gap"), dict):
+        _show_metrics(_numbers(ev["modality_gap"]), "modality gap")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        _fail(f"{path}: not valid JSON ({e}); rerun the stage that writes it")
+
+
 @app.command()
-def metrics(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt):
-    """Show the latest evaluation and training metrics."""
+@_user_errors
+def metrics(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, as_json: bool = JsonOpt):
+    """Show the latest metrics: the evaluate stage's split, every benchmark of its report, and training."""
     cfg = _config(params, set_)
-    shown = False
-    for title, p in (("evaluate", cfg.evaluate.metrics), ("train", cfg.train.metrics)):
-        path = cfg.path(p)
-        if path.exists():
-            _show_metrics(json.loads(path.read_text()), f"{title} ({p})")
-            shown = True
-    if not shown:
-        _fail("no metrics yet: run `slq run` or `dvc repro` first")
+    out: dict = {}
+    ev_path, tr_path = cfg.path(cfg.evaluate.metrics), cfg.path(cfg.train.metrics)
+    if ev_path.is_file():
+        out["evaluate"] = _read_json(ev_path)
+    # benchmark files (<report_dir>/<name>.json) that eval.json does not hold, e.g. from `slq evaluate`
+    in_eval = set((out.get("evaluate") or {}).get("benchmarks") or {})
+    rdir = cfg.path(cfg.evaluate.report_dir)
+    reports = {f.stem: _read_json(f) for f in sorted(rdir.glob("*.json")) if rdir.is_dir()
+               and not f.stem.endswith("_info") and f.stem != "modality_gap" and f.stem not in in_eval}
+    reports = {k: v for k, v in reports.items() if isinstance(v, dict)}
+    if reports:
+        out["reports"] = reports
+    if tr_path.is_file():
+        out["train"] = _read_json(tr_path)
+    if not out:
+        _fail(f"no metrics yet at {ev_path} or {tr_path}: run `slq run` or `dvc repro` first")
+    if as_json:
+        _print_json(out)
+        return
+    if "evaluate" in out or reports:
+        _show_evaluation(out.get("evaluate") or {}, cfg.evaluate.metrics, cfg.evaluate.split, reports)
+    if "train" in out:
+        _show_metrics(out["train"], "train")
+
+
+def _lance_tables(db) -> list[str]:
+    names, token = [], None
+    while True:
+        res = db.list_tables(page_token=token)
+        names += list(res.tables)
+        token = res.page_token
+        if not token:
+            return names
+
+
+def _index_table(cfg, split: str, target: str) -> str:
+    """The LanceDB table of (split, target), or an error listing the splits that have one."""
+    from slq.stages.index import table_name
+
+    uri = cfg.path(cfg.index.uri)
+    if not uri.is_dir():
+        _fail(f"no LanceDB index at {uri}: run the pipeline first (`slq run` or `dvc repro`)")
+    import lancedb
+
+    names = _lance_tables(lancedb.connect(str(uri)))
+    name = table_name(cfg, split, target)
+    if name not in names:
+        prefix, suffix = f"{cfg.index.table_prefix}_", f"_{target}"
+        splits = sorted(n[len(prefix):-len(suffix)] for n in names if n.startswith(prefix) and n.endswith(suffix))
+        _fail(f"no index for split {split!r} (table {name}); splits with {'an' if target == 'image' else 'a'} "
+              f"{target} index: "
+              f"{', '.join(splits) or 'none'} (the index stage indexes embed.splits)")
+    return name
 
 
 @app.command()
+@_user_errors
 def search(query: Optional[str] = typer.Argument(None, help="Text to search for."),
            image: Optional[Path] = typer.Option(None, "--image", help="An image file as the query."),
-           k: int = typer.Option(5, "--k", help="How many results."),
+           k: int = typer.Option(5, "--k", help="How many results (at least 1)."),
            target: Optional[str] = typer.Option(None, help="Table modality to search: image or text "
                                                 "(default: the other modality than the query's)."),
-           split: Optional[str] = typer.Option(None, help="Which split's table (default: evaluate.split)."),
-           params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt):
+           split: Optional[str] = typer.Option(None, help="Which split's table (default: evaluate.split); "
+                                               "it must have an index."),
+           params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, as_json: bool = JsonOpt):
     """Search the LanceDB index with a caption (`slq search "a red circle"`) or an image (`--image x.png`)."""
+    import contextlib
+
     if (query is None) == (image is None):
         _fail("give either a text query or --image PATH")
+    if k < 1:
+        _fail(f"--k must be at least 1, got {k}")
+    if target is not None and target not in TARGETS:
+        _fail(f"--target {target!r}: must be one of {', '.join(TARGETS)}")
+    if image is not None and not image.is_file():
+        _fail(f"image not found: {image}")
     cfg = _config(params, set_)
-    from slq.stages.index import search as lance_search
-    from slq.stages.index import table_name
-    from slq.stages.train import load_encoder
-
+    target = target or ("image" if query is not None else "text")
+    split = split or cfg.evaluate.split
+    table = _index_table(cfg, split, target)
     ckpt = cfg.path(cfg.train.out)
     if not ckpt.exists():
-        _fail(f"no checkpoint at {cfg.train.out}: run the pipeline first")
-    enc = load_encoder(cfg, queries=ckpt)
-    from slq.inputs import InputError
+        _fail(f"no checkpoint at {ckpt}: run the pipeline first")
+    from slq.stages.index import search as lance_search
+    from slq.stages.train import load_encoder
 
-    try:
+    # with --json, whatever the libraries print goes to stderr: stdout holds the JSON only
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        enc = load_encoder(cfg, queries=ckpt)
         vec = enc.encode_text([query])[0] if query is not None else enc.encode_image([image])[0]
-    except InputError as e:
-        _fail(str(e))
-    target = target or ("image" if query is not None else "text")
-    table = table_name(cfg, split or cfg.evaluate.split, target)
-    hits = lance_search(cfg, vec, table, k=k)
+        hits = lance_search(cfg, vec, table, k=k)
+    if as_json:
+        _print_json({"query": query if query is not None else str(image), "target": target, "split": split,
+                     "table": table, "k": k,
+                     "hits": [{c: v for c, v in h.items() if c != "_distance"} for h in hits]})
+        return
     cols = ["score", "image_id", "caption", "image"] if target == "text" else ["score", "image_id", "image"]
     _table(f"top {k} in {table}", hits, cols)
 
 
+# ---- MLflow: the tracking store must exist (read-only commands never create one) ----------
+def _tracking_store(cfg) -> str:
+    """The tracking URI; for a sqlite store, an error when its file does not exist (MLflow would
+    create a new empty store there and report "no runs")."""
+    from slq.stages.register import tracking_uri
+
+    uri = tracking_uri(cfg)
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        db = Path(uri[len(prefix):].split("?", 1)[0])
+        if not db.is_file():
+            _fail(f"no MLflow tracking store at {db}: run the pipeline first (`slq run` or `dvc repro`), "
+                  f"or run slq from the project folder (or -p its params.yaml)")
+    return uri
+
+
+def _not_found(e) -> bool:
+    return getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+
+
+def _model_version(cfg, version: Optional[int]):
+    """The registered version `version` (None: the alias's), or an error naming the versions there are."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = _tracking_store(cfg)
+    rc = cfg.register
+    client = MlflowClient(uri, uri)
+    try:
+        client.get_registered_model(rc.model_name)
+    except MlflowException as e:
+        if not _not_found(e):
+            raise
+        _fail(f"no registered model {rc.model_name!r} in {uri}: run the pipeline (its register stage) first")
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{rc.model_name}'"))
+    have = f"versions: {', '.join(map(str, versions)) or 'none'}"
+    try:
+        if version is None:
+            return client.get_model_version_by_alias(rc.model_name, rc.alias)
+        return client.get_model_version(rc.model_name, str(version))
+    except MlflowException as e:
+        if version is None:
+            _fail(f"{rc.model_name} has no @{rc.alias} yet: promote a version with `slq promote N` ({have})")
+        if not _not_found(e) and version >= 1:
+            raise
+        _fail(f"{rc.model_name} has no version {version} ({have}; `slq runs list` shows which run made each)")
+
+
 @app.command()
+@_user_errors
 def promote(version: int = typer.Argument(..., help="Model version to promote."),
             force: bool = typer.Option(False, help="Skip the metric gate."),
             params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt):
-    """Give a registered version the champion alias (only if it beats the champion, unless --force)."""
+    """Give a registered version the champion alias (only if it beats the champion, unless --force).
+
+    Exit code 2 when the gate refuses it."""
     from slq.stages.register import promote as do_promote
 
     cfg = _config(params, set_)
+    _model_version(cfg, version)
     d = do_promote(cfg, version, force=force)
     _console().print(f"{'promoted' if d['promoted'] else 'refused'}: {d['reason']}")
     if not d["promoted"]:
@@ -293,66 +496,153 @@ def promote(version: int = typer.Argument(..., help="Model version to promote.")
 
 
 @app.command()
+@_user_errors
 def serve(port: int = typer.Option(5001, help="Port to listen on."),
           host: str = typer.Option("127.0.0.1", help="Address to bind."),
           version: Optional[int] = typer.Option(None, help="A version instead of the champion alias."),
           params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt):
     """Serve the registered model over HTTP (mlflow models serve, local environment)."""
-    from slq.stages.register import tracking_uri
-
     cfg = _config(params, set_)
+    if not 0 < port < 65536:
+        _fail(f"--port must be between 1 and 65535, got {port}")
+    mv = _model_version(cfg, version)  # the version (or the alias) must exist before the server starts
     rc = cfg.register
-    uri = f"models:/{rc.model_name}/{version}" if version else f"models:/{rc.model_name}@{rc.alias}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(cfg)}
+    uri = f"models:/{rc.model_name}/{version}" if version is not None else f"models:/{rc.model_name}@{rc.alias}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": _tracking_store(cfg)}
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
            "-h", host, "-p", str(port)]
-    _console().print(f"serving {uri} at http://{host}:{port}/invocations")
+    _console().print(f"serving {uri} (version {mv.version}) at http://{host}:{port}/invocations")
+    sys.stdout.flush()
     os.execvpe(cmd[0], cmd, env)
 
 
 @runs_app.command("list")
+@_user_errors
 def runs_list(n: int = typer.Option(10, help="How many runs."), params: Path = ParamsOpt,
-              set_: Optional[list[str]] = SetOpt):
-    """The newest pipeline runs."""
-    from slq.stages.register import list_runs
+              set_: Optional[list[str]] = SetOpt, as_json: bool = JsonOpt):
+    """The newest pipeline runs (full run ids and names)."""
+    from slq.stages.register import list_runs, metric_key
 
+    if n < 1:
+        _fail(f"--n must be at least 1, got {n}")
     cfg = _config(params, set_)
+    _tracking_store(cfg)
+    rows = list_runs(cfg, n)
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        _console().print(f"no runs yet in experiment {cfg.register.experiment!r}")
+        return
+    gm = metric_key(cfg.register.gate_metric)
+    for r in rows:
+        r["start_time"] = str(r["start_time"])[:19].replace("T", " ")  # UTC, to the second
+    cols = ["run_id", "run_name", "start_time", "status", gm, "version", "promoted"]
+    _table(f"runs of {cfg.register.experiment} (UTC)", rows, cols, keep=("run_id", "run_name", "start_time"))
+
+
+def _run_info(cfg, run_id: str) -> dict:
+    from mlflow.exceptions import MlflowException
+
+    from slq.stages.register import show_run
+
+    store = _tracking_store(cfg)
     try:
-        rows = list_runs(cfg, n)
-    except AttributeError:
-        _fail("no MLflow experiment yet: run the pipeline first")
-    cols = ["run_id", "start_time", "status", "version", "promoted"]
-    cols[3:3] = [c for c in (rows[0] if rows else {}) if c not in cols + ["run_name", "git_commit"]]
-    _table("runs", rows, cols)
+        return show_run(cfg, run_id)
+    except MlflowException as e:
+        if not _not_found(e):
+            raise
+        _fail(f"no run {run_id!r} in {store}: `slq runs list` shows the run ids")
 
 
 @runs_app.command("show")
-def runs_show(run_id: str, params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt):
-    """Params, metrics, tags and artifacts of one run."""
-    from slq.stages.register import show_run
-
+@_user_errors
+def runs_show(run_id: str = typer.Argument(..., help="A run id (`slq runs list`)."),
+              params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, as_json: bool = JsonOpt):
+    """Params, metrics, tags, artifacts and model versions of one run."""
     cfg = _config(params, set_)
-    info = show_run(cfg, run_id)
-    _show_metrics(info["metrics"], f"run {run_id} metrics")
-    _table("tags", [{"tag": k, "value": v} for k, v in sorted(info["tags"].items())], ["tag", "value"])
-    _console().print(f"artifacts: {', '.join(info['artifacts'])}")
-    _console().print(f"model versions: {info['model_versions']}")
+    info = _run_info(cfg, run_id)
+    if as_json:
+        _print_json(info)
+        return
+    con = _console()
+    for k in ("run_id", "run_name", "status", "experiment_id", "artifact_uri"):
+        con.print(f"{k}: {info[k]}", soft_wrap=True, markup=False, highlight=False)
+    versions = ", ".join(f"{v['name']} v{v['version']}" + "".join(f" @{a}" for a in v["aliases"])
+                         for v in info["model_versions"]) or "none"
+    con.print(f"model versions: {versions}", soft_wrap=True, markup=False, highlight=False)
+    _table("params", [{"param": k, "value": v} for k, v in sorted(info["params"].items())], ["param", "value"],
+           keep=("param",))
+    _table("metrics", [{"metric": k, "value": v} for k, v in sorted(info["metrics"].items())], ["metric", "value"],
+           keep=("metric",))
+    _table("tags", [{"tag": k, "value": v} for k, v in sorted(info["tags"].items())], ["tag", "value"],
+           keep=("tag",))
+    con.print(f"artifacts: {', '.join(info['artifacts']) or 'none'}", soft_wrap=True, markup=False, highlight=False)
+
+
+@runs_app.command("compare")
+@_user_errors
+def runs_compare(run_ids: list[str] = typer.Argument(..., help="Two or more run ids (`slq runs list`)."),
+                 all_: bool = typer.Option(False, "--all", help="Every param, not only those that differ."),
+                 params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, as_json: bool = JsonOpt):
+    """Params and metrics of two or more runs side by side, differing rows marked *.
+
+    Params: only those that differ, unless --all; metrics: all of them."""
+    if len(run_ids) < 2:
+        _fail("give two or more run ids to compare (`slq runs list` shows them)")
+    cfg = _config(params, set_)
+    infos = [_run_info(cfg, r) for r in run_ids]
+    table = {}
+    for section in ("params", "metrics"):
+        keys = sorted({k for i in infos for k in i[section]})
+        table[section] = {k: [i[section].get(k) for i in infos] for k in keys}
+    differ = {sec: [k for k, vs in rows.items() if len({json.dumps(v) for v in vs}) > 1]
+              for sec, rows in table.items()}
+    if as_json:
+        _print_json({"runs": [{k: i[k] for k in ("run_id", "run_name", "status")} for i in infos],
+                     **table, "differ": differ})
+        return
+    labels = [chr(ord("A") + i) if i < 26 else f"R{i}" for i in range(len(infos))]
+    con = _console()
+    for label, i in zip(labels, infos):
+        con.print(f"{label} = {i['run_id']} ({i['run_name']}, {i['status']})", soft_wrap=True, markup=False,
+                  highlight=False)
+    for section, what in (("params", "param"), ("metrics", "metric")):
+        keys = [k for k in table[section] if all_ or section == "metrics" or k in differ[section]]
+        rows = [{what: k, "": "*" if k in differ[section] else "", **dict(zip(labels, table[section][k]))}
+                for k in keys]
+        title = f"{section}: {len(differ[section])} of {len(table[section])} differ" + (
+            "" if all_ or section == "metrics" else " (--all: every one)")
+        _table(title, rows, [what, "", *labels], keep=(what,))
 
 
 @flow_app.command("run")
+@_user_errors
 def flow_run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt):
     """Run the pipeline as a Prefect flow (tasks with retries, a metrics artifact)."""
+    from slq.stages.methods import MethodFailed
+    from slq.stages.validate import ValidationFailed
+
+    _config(params, set_)  # a missing params file or a bad --set fails here, before any flow run
     from flows.pipeline import slq_pipeline
 
-    overrides = dict(s.split("=", 1) for s in set_ or [])
-    slq_pipeline(params=str(params), overrides=overrides)
+    # key -> the value as typed: the flow parses it as YAML, as the CLI does (and as a UI run would)
+    overrides = {key.strip(): raw for key, _, raw in (s.partition("=") for s in set_ or [])}
+    try:
+        slq_pipeline(params=str(params), overrides=overrides)
+    except ValidationFailed as e:
+        _fail(f"validation failed; nothing downstream was run or overwritten.\n{e}")
+    except (FileNotFoundError, ValueError, MethodFailed) as e:
+        _fail(f"the flow failed: {_one_line(e)}")
 
 
 @flow_app.command("serve")
+@_user_errors
 def flow_serve(cron: str = typer.Option("0 3 * * *", help="Cron schedule."),
                name: str = typer.Option("slq-nightly", help="Deployment name."),
                params: Path = ParamsOpt):
     """Create the scheduled deployment and serve it (shows in the Prefect UI; Ctrl-C stops)."""
+    _config(params)  # the params file must exist now: each scheduled run reads it
     from flows.pipeline import serve_deployment
 
     serve_deployment(name=name, cron=cron, params=str(params))

@@ -46,12 +46,49 @@ def _stage_task(name: str):
 STAGE_TASKS = {name: _stage_task(name) for name in STAGES}
 
 
+def parse_overrides(overrides: dict | list[str] | None) -> dict:
+    """The flow's overrides as typed values: a string value is parsed as YAML, as `--set` does on the
+    CLI ({"train.steps": "50"} -> 50, "[1, 5]" -> a list), so a deployment run typed in the UI and
+    `slq flow run --set` mean the same; a list of "section.key=value" strings is accepted too."""
+    import re
+
+    import yaml
+
+    from slq.config import ConfigError
+
+    if isinstance(overrides, (list, tuple)):
+        items = []
+        for item in overrides:
+            key, sep, raw = str(item).partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"override {item!r}: expected section.key=value")
+            items.append((key.strip(), raw))
+    else:
+        items = list((overrides or {}).items())
+    out = {}
+    for key, value in items:
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"override {key}={value!r}: the value is not valid YAML ({e})") from None
+            # YAML 1.1 (PyYAML) reads 1e-3 as text; 1e-3 means the number, as in YAML 1.2 (and load_config)
+            if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+                value = float(value)
+        out[str(key)] = value
+    return out
+
+
 @flow(name="slq-pipeline", log_prints=True)
-def slq_pipeline(params: str = "params.yaml", overrides: dict | None = None) -> dict:
-    """Run every stage in order; returns {stage: summary}."""
+def slq_pipeline(params: str = "params.yaml", overrides: dict | list[str] | None = None) -> dict:
+    """Run every stage in order; returns {stage: summary}.
+
+    A params file that does not exist fails the run before any stage (never a run on the defaults);
+    override values given as strings are YAML (`parse_overrides`).
+    """
     from slq.config import load_config
 
-    cfg = load_config(params, overrides)
+    cfg = load_config(params, parse_overrides(overrides))
     results = {}
     for name in STAGES:
         results[name] = STAGE_TASKS[name](cfg)

@@ -261,19 +261,57 @@ def _check(hint, value, where: str):
     return value
 
 
-def load_config(path: str | Path = "params.yaml", overrides: dict | None = None) -> Config:
-    """Load params.yaml (missing sections take their defaults) and apply dotted-key overrides."""
+def load_config(path: str | Path | None = "params.yaml", overrides: dict | list[str] | None = None) -> Config:
+    """Load params.yaml (missing sections take their defaults) and apply dotted-key overrides.
+
+    A params file that does not exist is an error (never a silent run on the defaults); `path=None`
+    is the defaults alone, rooted at the current folder. `overrides`: {"train.steps": 50} (values
+    as given) or ["train.steps=50", ...] (each value parsed as YAML, as `--set` on the CLI).
+    """
+    import re
+
     import yaml
 
-    path = Path(path)
     values = {}
-    if path.exists():
-        values = yaml.safe_load(path.read_text()) or {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            what = "is a folder, not a params file" if path.is_dir() else "not found"
+            raise ConfigError(f"params file {what}: {path.resolve()} (run from the project folder, or pass "
+                              f"the project's params.yaml with -p)")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: must be a mapping of sections, got {type(values).__name__}")
+    if isinstance(overrides, (list, tuple)):
+        parsed = {}
+        for item in overrides:
+            key, sep, raw = str(item).partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"override {item!r}: expected section.key=value")
+            try:
+                value = yaml.safe_load(raw)
+                # YAML 1.1 (PyYAML) reads 1e-3 as text; 1e-3 means the number, as in YAML 1.2
+                if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+                    value = float(value)
+                parsed[key.strip()] = value
+            except yaml.YAMLError as e:
+                raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
+        overrides = parsed
     for key, value in (overrides or {}).items():
         node = values
         *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
+        for i, p in enumerate(parents):
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: `{'.'.join(parents[:i + 1])}` is not a section")
         node[leaf] = value
-    values.setdefault("root", str(path.parent if path.parent != Path("") else Path(".")))
+    if path is None:
+        values.setdefault("root", ".")
+    else:
+        values.setdefault("root", str(path.parent if path.parent != Path("") else Path(".")))
     return _build(Config, values, "")

@@ -256,7 +256,7 @@ def test_methods_workers_is_one_per_core_on_cpu_one_on_gpu_and_checked(monkeypat
     from slq.config import load_config
     from slq.stages import methods
 
-    cfg = load_config(tmp_path / "params.yaml", {"backbone.device": "cpu"})  # the defaults: workers auto
+    cfg = load_config(None, {"backbone.device": "cpu"})  # the defaults: workers auto
     monkeypatch.setattr(methods, "cpu_count", lambda: 2)
     assert methods.resolve_workers(cfg, 3) == 2 and methods.resolve_workers(cfg, 1) == 1
     cfg.methods.workers = 8
