@@ -247,6 +247,22 @@ def test_served_champion_answers_http(registered, champion_encoder, tmp_path):
 
 
 # ---- manual promotion (last: it moves the alias and puts it back) --------------------------
+def test_an_identical_checkpoint_adds_no_version(project, registered):
+    """Registering the same checkpoint again (e.g. `dvc repro --force`, a nightly flow) logs a new run
+    but reuses its model version instead of adding an identical one."""
+    from mlflow import MlflowClient
+
+    cfg, ckpts = project
+    cfg = dataclasses.replace(cfg, register=dataclasses.replace(cfg.register, out="reports/register_again.json"))
+    client = MlflowClient(registered[0]["tracking_uri"])
+    before = sorted(int(v.version) for v in client.search_model_versions(f"name='{MODEL}'"))
+    again = register.run(cfg, metrics={"t2i_R@1": GATE_METRICS[0]}, checkpoint_dir=ckpts[0])
+    after = sorted(int(v.version) for v in client.search_model_versions(f"name='{MODEL}'"))
+    assert after == before and again["version"] == registered[0]["version"]
+    assert again["run_id"] not in {r["run_id"] for r in registered}
+    assert client.get_run(again["run_id"]).data.tags["reused_model_version"] == str(again["version"])
+
+
 def test_manual_promotion(project, registered):
     cfg, _ = project
     refused = register.promote(cfg, 3)

@@ -214,12 +214,18 @@ def run(
         for name, p in (artifacts or {}).items():
             p = Path(p)
             (mlflow.log_artifacts if p.is_dir() else mlflow.log_artifact)(str(p), artifact_path=name)
-        info = serve.log_model(ckpt, backbone, int(manifest["hidden_size"]), log_backbone=rc.log_backbone,
-                               registered_model_name=rc.model_name)
-        version = int(info.registered_model_version)
+        fingerprint = str((manifest.get("backbone") or {}).get("fingerprint"))
+        version = existing_version(client, rc.model_name, run_tags["checkpoint_hash"], fingerprint)
+        if version is None:  # a new model: log and register it
+            info = serve.log_model(ckpt, backbone, int(manifest["hidden_size"]), log_backbone=rc.log_backbone,
+                                   registered_model_name=rc.model_name)
+            version = int(info.registered_model_version)
+            client.set_model_version_tag(rc.model_name, str(version), "checkpoint_hash", run_tags["checkpoint_hash"])
+            client.set_model_version_tag(rc.model_name, str(version), "backbone_fingerprint", fingerprint)
+        else:  # the same queries on the same backbone: its version already exists
+            mlflow.set_tag("reused_model_version", str(version))
         decision = _gate(client, cfg, version, nums.get(metric_key(rc.gate_metric)))
         mlflow.set_tags(_decision_tags(decision))
-        client.set_model_version_tag(rc.model_name, str(version), "checkpoint_hash", run_tags["checkpoint_hash"])
         run_id = r.info.run_id
         experiment_id = r.info.experiment_id
 
@@ -236,6 +242,20 @@ def run(
     }
     write_json_atomic(cfg.path(rc.out), report)
     return report
+
+
+def existing_version(client, model_name: str, ckpt_hash: str, fingerprint: str) -> int | None:
+    """The registered version holding this checkpoint (same learned tensors, same backbone), if any:
+    registering it again would only add an identical version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name='{model_name}'")
+    except MlflowException:
+        return None
+    same = [int(v.version) for v in versions
+            if v.tags.get("checkpoint_hash") == ckpt_hash and v.tags.get("backbone_fingerprint", fingerprint) == fingerprint]
+    return min(same) if same else None
 
 
 # ---- CLI helpers ---------------------------------------------------------------------------
