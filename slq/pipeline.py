@@ -78,7 +78,12 @@ def register(cfg: Config) -> dict:
         raise FileNotFoundError(f"{cfg.evaluate.metrics} not found: run the evaluate stage first")
     training = _read_json(cfg.path(cfg.train.metrics))
     index = _read_json(cfg.path(cfg.index.out))
-    metrics = {**{f"train.{k}": v for k, v in training.items()}, **evaluation}
+    # Benchmark numbers under the names the methods' runs use ("world.t2i_R@1"), so the runs compare.
+    scores = {f"{bench}.{k}": v for bench, ms in (evaluation.get("benchmarks") or {}).items()
+              if isinstance(ms, dict) for k, v in ms.items()}
+    gap = {f"modality_gap.{k}": v for k, v in (evaluation.get("modality_gap") or {}).items()}
+    flat = {k: v for k, v in evaluation.items() if not isinstance(v, (dict, list))}
+    metrics = {**{f"train.{k}": v for k, v in training.items()}, **flat, **scores, **gap}
     tags = {"data_hash": data_hash(cfg), "checkpoint_hash_eval": evaluation.get("checkpoint_hash", "")}
     for table, info in index.items():
         if isinstance(info, dict) and "version" in info:
@@ -90,4 +95,5 @@ def register(cfg: Config) -> dict:
                         ("train_history", cfg.train.history), ("index", cfg.index.out)]
         if cfg.path(p).exists()
     }
-    return reg.run(cfg, metrics=metrics, artifacts=artifacts, tags=tags, checkpoint_dir=cfg.path(cfg.train.out))
+    return reg.run(cfg, metrics=metrics, artifacts=artifacts, tags=tags, checkpoint_dir=cfg.path(cfg.train.out),
+                   history=cfg.path(cfg.train.history))

@@ -109,6 +109,14 @@ def test_methods_are_compared_in_the_report_the_readme_and_mlflow(repro):
     assert sorted(r.data.tags["method"] for r in runs) == ["full", "lora", "zero_shot"]
     lora = next(r for r in runs if r.data.tags["method"] == "lora")
     assert "world_knowledge.t2i_R_at_1" in lora.data.metrics and "budget.step_time_mean" in lora.data.metrics
+    # the SLQ run carries the same benchmark metrics under the same names, and its loss curve by step
+    slq_run = client.search_runs([exp.experiment_id], "tags.method = 'slq'", order_by=["attributes.start_time DESC"])[0]
+    for name in ("world.t2i_R_at_1", "world_knowledge.t2i_R_at_1"):
+        assert name in slq_run.data.metrics and name in lora.data.metrics
+    assert slq_run.data.metrics["world.t2i_R_at_1"] == pytest.approx(scored["world"]["t2i_R@1"])
+    curve = client.get_metric_history(slq_run.info.run_id, "train.loss")
+    steps = json.loads((proj / "metrics/train.json").read_text())["steps"]
+    assert [m.step for m in curve] == list(range(1, steps + 1))
 
 
 def test_methods_ran_side_by_side_and_match_a_run_in_one_process(repro):

@@ -173,13 +173,15 @@ def run(
     artifacts: dict[str, Path] | None = None,
     tags: dict | None = None,
     checkpoint_dir: Path | None = None,
+    history: Path | None = None,
 ) -> dict:
     """Log this pipeline execution as one MLflow run, register the model, gate the promotion.
 
     `metrics`: evaluation results (numbers become metrics named by `metric_key`, anything else
     a `metric.<name>` tag); `params`: extra params on top of the flattened config; `artifacts`:
     name -> file or folder (logged under that name); `tags`: lineage such as the data hash and
-    LanceDB table versions; `checkpoint_dir`: the query checkpoint (default cfg.train.out).
+    LanceDB table versions; `checkpoint_dir`: the query checkpoint (default cfg.train.out);
+    `history`: the training history CSV, logged as per-step metrics (train.loss, ... by step).
     Returns (and writes to cfg.register.out) the run, version and promotion decision.
     """
     import mlflow
@@ -210,6 +212,8 @@ def run(
     with run_ctx as r:
         mlflow.log_params({**flatten(cfg.to_dict()), **flatten(params or {})})
         mlflow.log_metrics(nums)
+        if history is not None and Path(history).is_file():
+            log_history(client, r.info.run_id, Path(history))
         mlflow.set_tags(run_tags)
         for name, p in (artifacts or {}).items():
             p = Path(p)
@@ -242,6 +246,27 @@ def run(
     }
     write_json_atomic(cfg.path(rc.out), report)
     return report
+
+
+HISTORY_METRICS = ("loss", "temperature", "lr", "grad_norm")
+
+
+def log_history(client, run_id: str, path: Path) -> int:
+    """A training history CSV (one row per step) as MLflow metric series `train.<name>` by step:
+    the loss curve in the UI. Returns the number of steps logged."""
+    import csv
+    import time
+
+    from mlflow.entities import Metric
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    ts = int(time.time() * 1000)
+    series = [Metric(f"train.{name}", float(row[name]), ts, int(row["step"]))
+              for row in rows for name in HISTORY_METRICS if row.get(name) not in (None, "")]
+    for i in range(0, len(series), 1000):  # MLflow's batch limit
+        client.log_batch(run_id, metrics=series[i:i + 1000])
+    return len(rows)
 
 
 def existing_version(client, model_name: str, ckpt_hash: str, fingerprint: str) -> int | None:
