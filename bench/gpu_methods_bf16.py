@@ -49,7 +49,7 @@ def pairs(n: int, seed: int = 0):
     return out
 
 
-def build(folder: Path, tiny: bool, device: str, dtype: torch.dtype):
+def build(folder: Path, tiny: bool, device: str, dtype: torch.dtype, max_pixels: int | None = None):
     import transformers as tf
 
     from slq.backbones.base import load_processor
@@ -70,7 +70,7 @@ def build(folder: Path, tiny: bool, device: str, dtype: torch.dtype):
         torch.set_default_dtype(prev)
     model.to(device=device, dtype=dtype)
     processor = load_processor(folder, "Qwen3VLProcessor")
-    return Qwen3VLAdapter(model, processor, source=str(folder))
+    return Qwen3VLAdapter(model, processor, source=str(folder), max_pixels=max_pixels)
 
 
 def run_method(folder, method: str, split: bool, args, dtype) -> dict:
@@ -80,11 +80,7 @@ def run_method(folder, method: str, split: bool, args, dtype) -> dict:
     from slq.queries import LatentQueries
     from slq.train import FitConfig, TrainingDiverged, fit
 
-    adapter = build(folder, args.tiny, args.device, dtype)
-    if args.max_pixels:
-        from slq.backbones.base import set_pixel_budget
-
-        adapter.pixel_budget = set_pixel_budget(adapter.processor, None, args.max_pixels)
+    adapter = build(folder, args.tiny, args.device, dtype, args.max_pixels or None)
     q = None
     if method == "slq":
         q = LatentQueries(20, adapter.hidden_size)

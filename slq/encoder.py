@@ -39,6 +39,7 @@ from slq.methods import (
     load_llm_delta,
     unfreeze_llm,
 )
+from slq.progress import bar
 from slq.queries import LatentQueries
 
 
@@ -224,11 +225,8 @@ class SLQEncoder(nn.Module):
 
     def rendered_prompts(self) -> dict:
         """The chat template's sha256 and the exact strings it renders around a caption / an image."""
-        import hashlib
-
         b = self.backbone.inputs
-        tpl = self.backbone.chat_template or ""
-        return {"chat_template_sha256": hashlib.sha256(tpl.encode()).hexdigest(),
+        return {"chat_template_sha256": self.backbone.chat_template_sha256,
                 "text": b.render(self.prompts.text.format(text="<caption>"), False, self.prompts),
                 "image": b.render(self.prompts.image, True, self.prompts),
                 "multimodal": b.render(self.prompts.multimodal.format(text="<instruction>"), True, self.prompts)}
@@ -280,7 +278,7 @@ class SLQEncoder(nn.Module):
             emb = self.embed_inputs(inputs)
             out[idx] = emb.cpu().numpy()
             bar.update(len(idx))
-            visual += _visual_tokens(inputs)
+            visual += self.backbone.inputs.visual_tokens(inputs)
             if visual:
                 bar.set_postfix(visual_tokens_per_item=f"{visual / max(1, bar.n):.0f}")
         bar.close()
@@ -333,11 +331,10 @@ def check_backbone(manifest: dict, adapter: BackboneAdapter, ckpt, allow_mismatc
 def _check_template(manifest: dict, adapter: BackboneAdapter, ckpt) -> None:
     """Warn when the backbone folder's chat template is not the one the checkpoint was trained with
     (the weights can be the same while a template file was edited or swapped)."""
-    import hashlib
     import warnings
 
     want = (manifest.get("template") or {}).get("chat_template_sha256")
-    have = hashlib.sha256((adapter.chat_template or "").encode()).hexdigest()
+    have = adapter.chat_template_sha256
     if want and want != have:
         warnings.warn(f"{adapter.source}'s chat template (sha256 {have[:12]}) is not the one checkpoint {ckpt} was "
                       f"trained with ({want[:12]}): inputs will not be wrapped as in training; the rendered "
@@ -378,31 +375,6 @@ def _identity(x):
     return x
 
 
-def _visual_tokens(inputs: dict, merge: int = 2) -> int:
-    """Visual tokens in a batch (Qwen-VL: patches from image_grid_thw, merge x merge per token;
-    0 when the processor does not state it)."""
-    thw = inputs.get("image_grid_thw")
-    if thw is None:
-        return 0
-    return int(thw.prod(-1).sum()) // (merge * merge)
-
-
-class _NoBar:
-    n = 0
-
-    def update(self, n):
-        self.n += n
-
-    def set_postfix(self, **kw):
-        pass
-
-    def close(self):
-        pass
-
-
 def _progress(total: int, desc: str, progress: bool | None, batch_size: int):
-    if progress is False or (progress is None and total <= batch_size):
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="item")
+    """Shown when asked (True), or by default (None) for more than one batch."""
+    return bar(total, desc, show=bool(progress) or (progress is None and total > batch_size))

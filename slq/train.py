@@ -78,6 +78,12 @@ def batch_indices(step: int, n: int, global_batch: int, seed: int) -> torch.Tens
     return perm[j * global_batch:(j + 1) * global_batch]
 
 
+def check_enough_data(n_pairs: int, global_batch: int) -> None:
+    if n_pairs < global_batch:
+        raise ValueError(f"{n_pairs} training pairs are fewer than one global batch ({global_batch}); "
+                         "lower train.batch_size or add data")
+
+
 def lr_factor(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -103,9 +109,7 @@ def fit(
     """
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
     global_batch = cfg.batch_size * world
-    if len(data) < global_batch:
-        raise ValueError(f"{len(data)} training pairs are fewer than one global batch ({global_batch}); "
-                         "lower train.batch_size or add data")
+    check_enough_data(len(data), global_batch)
     device = encoder.backbone.device
     loss_fn = ContrastiveLoss(cfg.temperature).to(device)
     encoder.make_trainable()
@@ -136,9 +140,7 @@ def fit(
 
         bar = tqdm(total=cfg.steps, initial=start, desc="train queries", unit="step")
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    from slq.encoder import _visual_tokens, make_loader
-
-    merge = getattr(getattr(encoder.backbone.processor, "image_processor", None), "merge_size", 2) or 2
+    from slq.encoder import make_loader
 
     steps = StepBatches(encoder.backbone.inputs, encoder.prompts, data, global_batch, cfg, rank)
     loader = iter(make_loader(steps, range(start, end), cfg.num_workers, device))
@@ -154,9 +156,7 @@ def fit(
                 f"loss is {loss.item()} at step {step} (batch ids {ids[:8]}...); {kept}. "
                 "Lower train.lr, check those items, or resume from the checkpoint."
             )
-        opt.zero_grad(set_to_none=True)
-        for p in trained:
-            p.grad = None
+        opt.zero_grad(set_to_none=True)  # (the bf16 model grads were cleared by master.grads_in)
         loss.backward()
         sync_gradients(trained, loss_fn.log_temp)
         master.grads_in()
@@ -181,7 +181,7 @@ def fit(
             _save_state(last, encoder, loss_fn, opt, sched, done, result.history, cfg)
         if bar is not None:
             bar.update(1)
-            vis = _visual_tokens(img_inputs, merge) / max(1, len(ids))
+            vis = encoder.backbone.inputs.visual_tokens(img_inputs) / max(1, len(ids))
             bar.set_postfix(loss=f"{rec['loss']:.4f}", t=f"{rec['temperature']:.3f}",
                             **({"visual_tokens_per_image": f"{vis:.0f}"} if vis else {}))
         if on_step is not None:

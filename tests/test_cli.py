@@ -10,7 +10,6 @@ query checkpoint, a LanceDB table of random vectors, and hand-written metrics fi
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest

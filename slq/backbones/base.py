@@ -248,6 +248,15 @@ class InputBuilder:
     def tokenizer(self):
         return self.processor.tokenizer
 
+    def visual_tokens(self, inputs: dict) -> int:
+        """Visual tokens in a built batch (Qwen-VL: patches from image_grid_thw, merge x merge patches
+        per token); 0 where the processor does not state them."""
+        thw = inputs.get("image_grid_thw")
+        if thw is None:
+            return 0
+        merge = getattr(getattr(self.processor, "image_processor", None), "merge_size", None) or 2
+        return int(thw.prod(-1).sum()) // (merge * merge)
+
     def messages(self, text: str | None, with_image: bool, system: str | None) -> list[dict]:
         content = []
         if with_image:
@@ -344,7 +353,8 @@ class BackboneAdapter:
     processor_cls: str = ""
     auto_model_cls: str = "AutoModelForImageTextToText"
 
-    def __init__(self, model, processor, source: str, revision: str | None = None):
+    def __init__(self, model, processor, source: str, revision: str | None = None, *,
+                 min_pixels: int | None = None, max_pixels: int | None = None):
         self.model = model  # the generation wrapper; we only call model.model (no lm_head)
         self.processor = processor
         self.source = source
@@ -358,10 +368,12 @@ class BackboneAdapter:
         fwd = inspect.signature(self.base.forward).parameters
         self.cache_kwarg = "cache" if "cache" in fwd else "past_key_values"
         self.inputs = InputBuilder(type(self), processor, getattr(model.config, "image_token_id", None))
-        self.pixel_budget: dict = set_pixel_budget(processor)  # the limits in force
-        self.pixel_override: dict = {}  # the ones set over the folder's own (recorded in checkpoints)
+        self.pixel_budget: dict = set_pixel_budget(processor, min_pixels, max_pixels)  # the limits in force
+        # the ones set over the folder's own (recorded in checkpoints, applied again on load)
+        self.pixel_override = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels))
+                               if v is not None}
         self._query_embeds: torch.Tensor | None = None  # (B, Nq, D) while a forward runs
-        self._query_slots: torch.Tensor | None = None  # (B, L) bool: where the queries go
+        self._query_slots: torch.Tensor | None = None  # (B, L+Nq) bool: where the queries go
         self._injected = False
         self._fingerprint: str | None = None
         self.input_embeddings.register_forward_hook(self._inject_queries)
@@ -383,11 +395,8 @@ class BackboneAdapter:
             model.to(device)
         processor = load_processor(path, cls.processor_cls)
         revision = getattr(model.config, "_commit_hash", None)
-        adapter = cls(model, processor, source=str(path), revision=revision)
-        adapter.pixel_budget = set_pixel_budget(processor, min_pixels, max_pixels)
-        adapter.pixel_override = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels))
-                                  if v is not None}
-        return adapter
+        return cls(model, processor, source=str(path), revision=revision, min_pixels=min_pixels,
+                   max_pixels=max_pixels)
 
     @property
     def fingerprint(self) -> str:
@@ -437,6 +446,12 @@ class BackboneAdapter:
     def chat_template(self) -> str:
         return self.processor.chat_template
 
+    @property
+    def chat_template_sha256(self) -> str:
+        import hashlib
+
+        return hashlib.sha256((self.chat_template or "").encode()).hexdigest()
+
     # ---- inputs --------------------------------------------------------------------------
     def build_inputs(self, texts: Sequence[str | None] | None, images: Sequence | None, prompts: Prompts,
                      max_text_tokens: int | None = None) -> dict:
@@ -460,9 +475,6 @@ class BackboneAdapter:
         if q is None or output.dim() != 3 or output.shape[0] != q.shape[0]:
             return output
         self._injected = True
-        if slots is None:  # the queries are the whole input (split path) or the last Nq columns
-            n_q = q.shape[1]
-            return torch.cat([output[:, :-n_q], q.to(output.dtype)], dim=1)  # (B, L+Nq, D)
         if slots.shape != output.shape[:2]:
             raise HookNotFired(f"query slots {tuple(slots.shape)} do not match the embedded input "
                                f"{tuple(output.shape[:2])}")
@@ -470,7 +482,7 @@ class BackboneAdapter:
         return output.masked_scatter(slots.unsqueeze(-1).expand_as(output), src)  # (B, L, D)
 
     @contextmanager
-    def _queries_in(self, q: torch.Tensor, slots: torch.Tensor | None = None):
+    def _queries_in(self, q: torch.Tensor, slots: torch.Tensor):
         self._query_embeds, self._query_slots, self._injected = q, slots, False
         try:
             yield

@@ -18,6 +18,8 @@ import os
 import struct
 from pathlib import Path
 
+from slq.io import file_sha256, write_json_atomic
+
 # config.json keys that do not change what the model computes (the storage dtype is in each tensor's hash)
 VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "architectures", "torch_dtype",
                         "dtype")
@@ -60,14 +62,6 @@ def _safetensors_tensors(path: Path) -> dict[str, str]:
     return out
 
 
-def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def backbone_fingerprint(folder: str | Path, *, memo: bool = True) -> str:
     """16 hex digits identifying a local backbone folder's weights and config.
 
@@ -93,7 +87,8 @@ def backbone_fingerprint(folder: str | Path, *, memo: bool = True) -> str:
         st = f.stat()
         tag = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         if tag not in known:
-            known[tag] = (_safetensors_tensors(f) if f.suffix == ".safetensors" else {f"file:{f.name}": _file_sha(f)})
+            known[tag] = (_safetensors_tensors(f) if f.suffix == ".safetensors"
+                          else {f"file:{f.name}": file_sha256(f)})
             changed = True
         tensors.update(known[tag])
     if not tensors:
@@ -101,8 +96,6 @@ def backbone_fingerprint(folder: str | Path, *, memo: bool = True) -> str:
     parts += [f"{k}={v}" for k, v in sorted(tensors.items())]
     if memo and changed:
         try:
-            from slq.io import write_json_atomic
-
             write_json_atomic(memo_path, known)
         except OSError:  # a read-only home: the fingerprint is still right, only slower next time
             pass

@@ -49,6 +49,7 @@ from slq.benchmarks.base import (
     register_benchmark,
 )
 from slq.io import write_bytes_atomic
+from slq.progress import bar as progress_bar
 from slq.retrieval import image_text_ranks, recall_curve, summarize
 
 CURVE_K = 50  # curves cover recall at k = 1..max(CURVE_K, max(ks))
@@ -407,7 +408,7 @@ class CaptionRenderer:
         unique = list(dict.fromkeys(texts))
         cut = {t: self.layout(t)[1] for t in unique}
         todo = [t for t in unique if not self.path_for(out_dir, t).exists()]
-        bar = _bar(len(todo), "render captions", progress)
+        bar = progress_bar(len(todo), "render captions", progress and len(todo) >= 100)
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
             for i in range(0, len(todo), 64):
                 chunk = [(self.render(t), self.path_for(out_dir, t)) for t in todo[i:i + 64]]
@@ -426,22 +427,6 @@ def _save_png(item) -> None:
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)
     write_bytes_atomic(path, buf.getvalue())
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
-def _bar(total: int, desc: str, progress: bool):
-    if not progress or total < 100:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="item")
 
 
 def work_dir(embedder) -> Path:

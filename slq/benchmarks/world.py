@@ -23,6 +23,7 @@ from slq.benchmarks.base import (
     register_benchmark,
     require,
 )
+from slq.benchmarks.composed import GALLERY_PROMPT, QUERY_PROMPT
 from slq.benchmarks.image_text import (
     Entry,
     ImageTextBenchmark,
@@ -37,7 +38,6 @@ from slq.data.world import (
     load_scenes,
     render_scene,
 )
-from slq.benchmarks.composed import GALLERY_PROMPT, QUERY_PROMPT
 from slq.io import write_bytes_atomic
 
 

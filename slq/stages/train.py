@@ -112,7 +112,7 @@ def train_method(cfg: Config, method: str, out: Path, *, lr: float, metrics_path
     conditions they were measured under: CPU threads, and how many methods ran at once
     (`side_by_side`, set by the methods stage). `on_step` and `progress` go to `slq.train.fit`.
     """
-    from slq.train import distributed_from_env, world_size
+    from slq.train import check_enough_data, distributed_from_env, world_size
 
     # Under torchrun: every rank checks the data and the backbone folder before the process group
     # exists (a bad setting fails on every rank, nothing waits), then rank 0 alone pretrains the
@@ -121,9 +121,8 @@ def train_method(cfg: Config, method: str, out: Path, *, lr: float, metrics_path
     data = [{"image": root / r["image"], "caption": r["caption"], "id": r["id"]} for r in split_rows(cfg, "train")]
     backbone_missing(cfg)
     global_batch = cfg.train.batch_size * world_size()
-    if method != "zero_shot" and len(data) < global_batch:  # as fit() says, but before any rank waits
-        raise ValueError(f"{len(data)} training pairs are fewer than one global batch ({global_batch}); "
-                         "lower train.batch_size or add data")
+    if method != "zero_shot":  # as fit() checks it, but before any rank waits
+        check_enough_data(len(data), global_batch)
     with distributed_from_env():
         return _train_method(cfg, method, out, data, lr=lr, metrics_path=metrics_path, history_path=history_path,
                              on_step=on_step, progress=progress, side_by_side=side_by_side)

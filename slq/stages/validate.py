@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from slq.config import Config, ValidateConfig
 from slq.data.world import load_manifest
 from slq.io import file_sha256, write_json_atomic
+from slq.progress import bar as progress_bar
 
 if TYPE_CHECKING:  # pandas and PIL load when the stage runs, not with the CLI
     import pandas as pd
@@ -161,7 +162,8 @@ def inspect_images(paths: list[str], root: Path, cache: Path | None = None, prog
         return p, fact, (full, st.st_size, st.st_mtime_ns, *fact)
 
     workers = min(16, 2 * (os.cpu_count() or 1))
-    bar = _bar(len(paths), progress)
+    bar = progress_bar(len(paths), "validate images", progress and len(paths) >= 1000, unit="image",
+                       mininterval=2.0)
     with ThreadPoolExecutor(workers) as pool:
         for p, fact, row in pool.map(one, paths):
             out[p] = fact
@@ -209,22 +211,6 @@ def _cache_save(cache: Path | None, rows: list[tuple]) -> None:
     except (sqlite3.Error, OSError) as e:
         warnings.warn(f"validate.cache {cache}: not written ({e}); the next run reads every image again",
                       stacklevel=2)
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
-def _bar(total: int, progress: bool):
-    if not progress or total < 1000:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="validate images", unit="image", mininterval=2.0)
 
 
 def _image_problem(path: Path) -> str | None:
