@@ -18,8 +18,8 @@ setup() {
   local pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
   # torch first, pinned to the CPU wheel (a bare `torch` would pull a multi-GB CUDA build).
   "$VENV/bin/python" -c "import torch" 2>/dev/null || "${pip[@]}" "torch==2.13.0"
-  "$VENV/bin/python" -c "import slq, dvc, prefect, mlflow, great_expectations, lancedb, pytest" 2>/dev/null \
-    || "${pip[@]}" -e ".[pipeline,test]"
+  "$VENV/bin/python" -c "import slq, dvc, dvc_s3, prefect, mlflow, great_expectations, lancedb, ray, lance_ray, moto, pytest" \
+    2>/dev/null || "${pip[@]}" -e ".[pipeline,scale,test]"
 }
 
 case "${1:-}" in
