@@ -28,6 +28,9 @@ flow_app = typer.Typer(help="The Prefect flow: run it, or serve it on a schedule
 app.add_typer(runs_app, name="runs")
 app.add_typer(data_app, name="data")
 app.add_typer(flow_app, name="flow")
+corpus_app = typer.Typer(help="Embed a large corpus into LanceDB: Ray Data or in-process, local or S3 storage.",
+                        no_args_is_help=True)
+app.add_typer(corpus_app, name="corpus")
 
 ParamsOpt = typer.Option("params.yaml", "--params", "-p", help="The params file (all paths and settings).")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a param: section.key=value (YAML value). Repeatable.")
@@ -140,7 +143,7 @@ def _rank_errors() -> tuple:
     return (train.RankZeroFailed, train.RanksDisagree) if train is not None else ()
 
 
-def _run_stages(cfg, names: list[str], method: Optional[str] = None):
+def _run_stages(cfg, names: list[str], method: Optional[str] = None, runner=None):
     from slq.pipeline import run_stage
     from slq.stages.methods import MethodFailed
     from slq.stages.validate import ValidationFailed
@@ -150,7 +153,10 @@ def _run_stages(cfg, names: list[str], method: Optional[str] = None):
         if _rank() == 0:
             _console().rule(f"[bold]{name}")
         try:
-            results[name] = run_stage(name, cfg, method) if method else run_stage(name, cfg)
+            if runner is not None:
+                results[name] = runner(name)
+            else:
+                results[name] = run_stage(name, cfg, method) if method else run_stage(name, cfg)
         except ValidationFailed as e:
             _fail(f"validation failed; nothing downstream was run or overwritten.\n{e}")
         except (FileNotFoundError, ValueError, MethodFailed, *_rank_errors()) as e:
@@ -162,21 +168,27 @@ def _run_stages(cfg, names: list[str], method: Optional[str] = None):
 @_user_errors
 def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
         start: Optional[str] = typer.Option(None, "--from", help="First stage to run."),
-        stop: Optional[str] = typer.Option(None, "--to", help="Last stage to run.")):
+        stop: Optional[str] = typer.Option(None, "--to", help="Last stage to run."),
+        force: bool = typer.Option(False, "--force", help="Run every stage, even those DVC says are up to date.")):
     """Run the whole pipeline in this process: data -> validate -> pretrain -> train -> embed -> index ->
     evaluate -> methods -> compare -> register.
 
-    (`dvc repro` runs the same stages, skipping those whose inputs did not change.)
+    In a DVC project it means what `dvc repro` means: a stage whose deps, params and outs match
+    dvc.lock is skipped, one that ran is recorded in dvc.lock; --set is written into params.yaml
+    (as `dvc exp run -S`).
     """
-    from slq.pipeline import STAGES
+    from slq.config import parse_set
+    from slq.pipeline import STAGES, prepare, run_or_skip
 
-    cfg = _config(params, set_)
+    _config(params, set_)  # a missing params file or a bad --set fails here, before anything is written
     names = list(STAGES)
     for s in (start, stop):
         if s is not None and s not in names:
             _fail(f"unknown stage {s!r}; stages: {', '.join(names)}")
     names = names[names.index(start) if start else 0: names.index(stop) + 1 if stop else len(names)]
-    results = _run_stages(cfg, names)
+    cfg, dvc = prepare(params, parse_set(set_), log=lambda m: _console(stderr=True).print(m))
+    results = _run_stages(cfg, names, runner=lambda name: run_or_skip(
+        name, cfg, dvc and not force, log=lambda m: _console(stderr=True).print(m)))
     if "evaluate" in results:
         _show_evaluation(results["evaluate"], cfg.evaluate.metrics, cfg.evaluate.split)
     if "register" in results:
@@ -203,6 +215,21 @@ def stage(name: str = typer.Argument(..., help="validate | pretrain | train | em
     res = _run_stages(cfg, [name], method)[name]
     if _rank() == 0:  # under torchrun every rank returns rank 0's result: print it once
         _console().print_json(json.dumps(res, default=str))
+
+
+@app.command()
+@_user_errors
+def readme(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
+           path: Path = typer.Option(Path("README.md"), help="The file whose slq:methods markers get the table.")):
+    """Copy the last run's methods table (reports/methods.md) into the README, stamped with the commit
+    and machine it came from. The pipeline itself never rewrites a tracked file."""
+    from slq.stages.compare import readme_table, update_readme
+
+    cfg = _config(params, set_)
+    target = path if path.is_absolute() else Path.cwd() / path
+    if not update_readme(target, readme_table(cfg)):
+        _fail(f"{path}: no slq:methods markers (or no such file); add the two marker comments where the table goes")
+    _console().print(f"{path}: methods table updated from {cfg.methods.report}")
 
 
 @app.command()
@@ -537,7 +564,7 @@ def runs_list(n: int = typer.Option(10, help="How many runs."), params: Path = P
     gm = metric_key(cfg.register.gate_metric)
     for r in rows:
         r["start_time"] = str(r["start_time"])[:19].replace("T", " ")  # UTC, to the second
-    cols = ["run_id", "run_name", "start_time", "status", gm, "version", "promoted"]
+    cols = ["run_id", "run_name", "stage", "start_time", "status", gm, "version", "promoted"]
     _table(f"runs of {cfg.register.experiment} (UTC)", rows, cols, keep=("run_id", "run_name", "start_time"))
 
 
@@ -646,6 +673,85 @@ def flow_serve(cron: str = typer.Option("0 3 * * *", help="Cron schedule."),
     from flows.pipeline import serve_deployment
 
     serve_deployment(name=name, cron=cron, params=str(params))
+
+
+@corpus_app.command("embed")
+@_user_errors
+def corpus_embed(
+        manifest: str = typer.Argument(..., help="JSONL or Parquet with `id` and `text` and/or `image` (path or URI) "
+                                                  "per row; a local path or s3:// URI."),
+        checkpoint: Optional[Path] = typer.Option(None, help="Query checkpoint folder (default: corpus.checkpoint, "
+                                                             "else train.out); on a cluster, at this path on every node."),
+        uri: Optional[str] = typer.Option(None, "--uri", help="LanceDB database: a folder or s3://bucket/prefix "
+                                                            "(default: corpus.uri)."),
+        table: Optional[str] = typer.Option(None, help="Table name (default: corpus.table)."),
+        engine: Optional[str] = typer.Option(None, help="ray (Ray Data actor pool) | local (this process); "
+                                                        "default: corpus.engine."),
+        no_ray: bool = typer.Option(False, "--no-ray", help="Embed in this process (= --engine local)."),
+        address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: corpus.address; none: a local "
+                                                         "Ray instance)."),
+        actors: Optional[int] = typer.Option(None, help="Embedding actors: one per GPU, or N CPU actors."),
+        batch_size: Optional[int] = typer.Option(None, help="Items per model call."),
+        commit_rows: Optional[int] = typer.Option(None, help="Items per Lance commit (what a kill can lose)."),
+        cpus_per_actor: Optional[float] = typer.Option(None, help="CPUs per actor (its torch threads on CPU)."),
+        gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs per actor (default: 1 on a GPU cluster)."),
+        backbone: Optional[str] = typer.Option(None, help="Backbone folder on the workers (default: the one the "
+                                                           "checkpoint records)."),
+        progress: bool = typer.Option(True, help="Progress bars."),
+        params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, as_json: bool = JsonOpt):
+    """Embed a corpus into a LanceDB table, resumably: a rerun embeds only the ids not yet committed.
+
+    slq corpus embed corpus.jsonl --checkpoint checkpoints/slq --uri s3://bucket/lancedb --actors 4
+    """
+    from slq.corpus import CorpusError
+    from slq.corpus.embed import EmbedJob, embed_corpus
+    from slq.corpus.storage import is_remote, storage_options
+
+    cfg = _config(params, set_)
+    c = cfg.corpus
+    ckpt = checkpoint or cfg.path(c.checkpoint or cfg.train.out)
+    db_uri = uri or (c.uri if is_remote(c.uri) else str(cfg.path(c.uri)))
+    job = EmbedJob(
+        manifest=manifest, checkpoint=str(ckpt), db_uri=db_uri, table=table or c.table,
+        engine="local" if no_ray else (engine or c.engine), address=address or c.address,
+        actors=actors or c.actors, cpus_per_actor=cpus_per_actor or c.cpus_per_actor,
+        gpus_per_actor=gpus_per_actor if gpus_per_actor is not None else c.gpus_per_actor,
+        batch_size=batch_size or c.batch_size, commit_rows=commit_rows or c.commit_rows, max_errors=c.max_errors,
+        backbone=backbone, dtype=cfg.backbone.dtype, device=cfg.backbone.device,
+        storage_options=storage_options(c.storage.endpoint, c.storage.region), progress=progress and not as_json)
+    try:
+        summary = embed_corpus(job)
+    except CorpusError as e:
+        _fail(str(e))
+    if as_json:
+        _print_json(summary)
+    else:
+        _table(f"corpus embed -> {summary['table']}", [{"": k, "value": v} for k, v in summary.items()],
+               ["", "value"], keep=("value",))
+
+
+@corpus_app.command("status")
+@_user_errors
+def corpus_status(uri: Optional[str] = typer.Option(None, "--uri", help="LanceDB database (default: corpus.uri)."),
+                  table: Optional[str] = typer.Option(None, help="Table name (default: corpus.table)."),
+                  params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, as_json: bool = JsonOpt):
+    """Rows, version and checkpoint of a corpus table."""
+    from slq.corpus import CorpusError
+    from slq.corpus.storage import is_remote, storage_options
+    from slq.corpus.writer import table_status
+
+    cfg = _config(params, set_)
+    c = cfg.corpus
+    db_uri = uri or (c.uri if is_remote(c.uri) else str(cfg.path(c.uri)))
+    try:
+        status = table_status(db_uri, table or c.table, storage_options(c.storage.endpoint, c.storage.region))
+    except CorpusError as e:
+        _fail(str(e))
+    if as_json:
+        _print_json(status)
+    else:
+        _table(f"corpus table {status['table']}", [{"": k, "value": v} for k, v in status.items()], ["", "value"],
+               keep=("value",))
 
 
 def main():

@@ -23,6 +23,9 @@ setup() {
 }
 
 case "${1:-}" in
+  setup)
+    setup
+    ;;
   pipeline)
     setup
     . "$VENV/bin/activate"
@@ -39,7 +42,7 @@ case "${1:-}" in
     python -m pytest -q -p no:cacheprovider "$@"
     ;;
   *)
-    echo "usage: bash run.sh pipeline | test [pytest args]" >&2
+    echo "usage: bash run.sh pipeline | test [pytest args] | setup" >&2
     exit 2
     ;;
 esac

@@ -76,7 +76,7 @@ def build(folder: Path, tiny: bool, device: str, dtype: torch.dtype, max_pixels:
 def run_method(folder, method: str, split: bool, args, dtype) -> dict:
     from slq.backbones.base import Prompts
     from slq.encoder import SLQEncoder
-    from slq.methods import LoraSpec
+    from slq.methods import LoraSpec, MethodEncoder
     from slq.queries import LatentQueries
     from slq.train import FitConfig, TrainingDiverged, fit
 
@@ -85,7 +85,8 @@ def run_method(folder, method: str, split: bool, args, dtype) -> dict:
     if method == "slq":
         q = LatentQueries(20, adapter.hidden_size)
         q.reset_random(torch.Generator().manual_seed(0))
-    enc = SLQEncoder(adapter, q, Prompts(), method=method, lora=LoraSpec() if method == "lora" else None)
+    enc = (SLQEncoder(adapter, q, Prompts()) if method == "slq"
+           else MethodEncoder(adapter, q, Prompts(), method=method, lora=LoraSpec() if method == "lora" else None))
     lr = {"slq": 5e-4, "lora": 2e-4, "full": 1e-5}[method]
     cfg = FitConfig(steps=args.steps, batch_size=args.batch, lr=lr, warmup_steps=1, save_every=10**9,
                     split_forward=split, num_workers=args.workers)

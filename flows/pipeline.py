@@ -1,10 +1,13 @@
 """The pipeline as a Prefect flow: each stage a task with retries, chained in data order.
 
-    data -> validate -> train -> embed -> index -> evaluate -> register
+    data -> validate -> pretrain -> train -> embed -> index -> evaluate -> methods -> compare -> register
 
-The tasks call the same `slq.pipeline.run_stage` as dvc.yaml and the CLI. A failed training
-task retries and resumes from its last periodic checkpoint; a failed validation never retries
-(the data will not fix itself). The flow publishes the metrics as a table artifact.
+The tasks call the same `slq.pipeline.run_stage` as dvc.yaml and the CLI, and in a DVC project
+they mean what `dvc repro` means: a stage whose deps, params and outs match dvc.lock is skipped,
+one that ran is recorded in dvc.lock (slq.lineage), so a nightly run retrains nothing when nothing
+changed and leaves `dvc status` clean. A failed training task retries and resumes from its last
+periodic checkpoint; a failed validation never retries (the data will not fix itself). The flow
+publishes the metrics as a table artifact.
 
 Schedule it:   slq flow serve --cron "0 3 * * *"      (UI: `prefect server start`, 127.0.0.1:4200)
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from slq.pipeline import STAGES, run_stage
+from slq.pipeline import STAGES, prepare, run_or_skip
 
 RETRIES = {"validate": 0, "pretrain": 1, "train": 1, "embed": 1, "index": 2, "evaluate": 1, "methods": 1,
            "compare": 1, "register": 2}
@@ -36,9 +39,12 @@ def _retryable(task_, task_run, state) -> bool:
 
 def _stage_task(name: str):
     @task(name=name, retries=RETRIES[name], retry_delay_seconds=2, retry_condition_fn=_retryable)
-    def stage_task(cfg):
-        get_run_logger().info("stage %s", name)
-        return run_stage(name, cfg)
+    def stage_task(cfg, dvc: bool = False):
+        """Run the stage; with `dvc`, skip it when DVC says it is up to date and record it in
+        dvc.lock when it ran, as `dvc repro` would (slq.pipeline.run_or_skip)."""
+        log = get_run_logger()
+        log.info("stage %s", name)
+        return run_or_skip(name, cfg, dvc, log=log.info)
 
     return stage_task
 
@@ -46,52 +52,42 @@ def _stage_task(name: str):
 STAGE_TASKS = {name: _stage_task(name) for name in STAGES}
 
 
+def _log(message: str) -> None:
+    """The flow run's logger, or stdout when called outside a run (slq_pipeline.fn in a test)."""
+    from prefect.exceptions import MissingContextError
+
+    try:
+        get_run_logger().info(message)
+    except MissingContextError:
+        print(message)
+
+
 def parse_overrides(overrides: dict | list[str] | None) -> dict:
     """The flow's overrides as typed values: a string value is parsed as YAML, as `--set` does on the
     CLI ({"train.steps": "50"} -> 50, "[1, 5]" -> a list), so a deployment run typed in the UI and
     `slq flow run --set` mean the same; a list of "section.key=value" strings is accepted too."""
-    import re
-
-    import yaml
-
-    from slq.config import ConfigError
+    from slq.config import parse_set, parse_value
 
     if isinstance(overrides, (list, tuple)):
-        items = []
-        for item in overrides:
-            key, sep, raw = str(item).partition("=")
-            if not sep or not key.strip():
-                raise ConfigError(f"override {item!r}: expected section.key=value")
-            items.append((key.strip(), raw))
-    else:
-        items = list((overrides or {}).items())
-    out = {}
-    for key, value in items:
-        if isinstance(value, str):
-            try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError as e:
-                raise ConfigError(f"override {key}={value!r}: the value is not valid YAML ({e})") from None
-            # YAML 1.1 (PyYAML) reads 1e-3 as text; 1e-3 means the number, as in YAML 1.2 (and load_config)
-            if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
-                value = float(value)
-        out[str(key)] = value
-    return out
+        return parse_set(overrides)
+    return {str(k): parse_value(str(k), v) if isinstance(v, str) else v for k, v in (overrides or {}).items()}
 
 
 @flow(name="slq-pipeline", log_prints=True)
 def slq_pipeline(params: str = "params.yaml", overrides: dict | list[str] | None = None) -> dict:
     """Run every stage in order; returns {stage: summary}.
 
+    In a DVC project with its own params.yaml, each stage is skipped when DVC's hashes say it is up
+    to date and recorded in dvc.lock when it runs, so the flow and `dvc repro` agree and the flow
+    leaves `dvc status` clean. Overrides are written into params.yaml first (comments kept), as
+    `dvc exp run -S` does, so the record describes what ran. Elsewhere every stage runs.
     A params file that does not exist fails the run before any stage (never a run on the defaults);
     override values given as strings are YAML (`parse_overrides`).
     """
-    from slq.config import load_config
-
-    cfg = load_config(params, parse_overrides(overrides))
+    cfg, dvc = prepare(params, parse_overrides(overrides), log=_log)
     results = {}
     for name in STAGES:
-        results[name] = STAGE_TASKS[name](cfg)
+        results[name] = STAGE_TASKS[name](cfg, dvc=dvc)
     publish(results)
     return results
 
@@ -99,9 +95,10 @@ def slq_pipeline(params: str = "params.yaml", overrides: dict | list[str] | None
 def publish(results: dict) -> None:
     """Metrics as a Prefect table artifact (needs a key to show in the UI) and a short summary."""
     ev = results.get("evaluate", {})
-    rows = [{"metric": k, "value": round(float(v), 4)} for k, v in ev.items() if isinstance(v, (int, float))]
+    rows = [{"metric": k, "value": round(float(v), 4)} for k, v in ev.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)]
     create_table_artifact(key="slq-metrics", table=rows, description="Retrieval metrics of this run")
-    cmp = results.get("compare", {})
+    cmp = {m: r for m, r in results.get("compare", {}).items() if isinstance(r, dict) and "budget" in r}
     if cmp:
         table = [{"method": m, **{f"{b}.{k}": round(float(v), 4) for b, ms in r.items() if b != "budget"
                                   for k, v in ms.items() if k.startswith(("t2i_R@", "i2t_R@"))},

@@ -147,8 +147,8 @@ class MethodsConfig:
     # "... in one word:"); a method not named here: pipeline, zero_shot: summarize
     prompts: dict = field(default_factory=lambda: {"zero_shot": "summarize", "lora": "pipeline", "full": "pipeline"})
     benchmarks: list[str] = field(default_factory=lambda: ["world", "world_knowledge"])
-    report: str = "reports/methods.md"  # the comparison table (also written into the README)
-    readme: str | None = "README.md"  # its table between the slq:methods markers; null to leave it
+    report: str = "reports/methods.md"  # the comparison table (`slq readme` copies it into the README)
+    readme: str | None = None  # a file whose slq:methods markers the stage fills; null: the pipeline writes no tracked file
     workers: int | str = "auto"  # methods run at once (processes): auto = one per CPU core; 1 on a GPU
 
 @dataclass
@@ -184,13 +184,41 @@ class EvaluateConfig:
 @dataclass
 class RegisterConfig:
     tracking_uri: str = "sqlite:///mlflow.db"
-    artifact_location: str | None = None  # default: ./mlartifacts
+    artifact_location: str | None = None  # default: ./mlartifacts for a local store; the server's own for http(s)
     experiment: str = "slq"
     model_name: str = "slq-retriever"
     alias: str = "champion"
     gate_metric: str = "t2i_R@1"  # promotion only when this beats the current champion
     log_backbone: bool = True  # copy the backbone into the logged model (self-contained); False: record its path
     out: str = "reports/register.json"
+    track_stages: bool = True  # a parent MLflow run per pipeline run, a nested run per stage, live curves
+
+
+@dataclass
+class CorpusStorageConfig:
+    """Object storage for corpus tables and manifests (s3:// URIs). Never credentials: those come
+    from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN)."""
+
+    endpoint: str | None = None  # an S3-compatible endpoint (MinIO, Ceph); null: AWS_ENDPOINT_URL, else AWS
+    region: str | None = None  # null: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1
+
+
+@dataclass
+class CorpusConfig:
+    """`slq corpus embed`: a corpus manifest -> one LanceDB table, on Ray Data or in-process (slq.corpus)."""
+
+    uri: str = "artifacts/corpus_lancedb"  # the LanceDB database: a folder or s3://bucket/prefix
+    table: str = "corpus"
+    checkpoint: str | None = None  # the query checkpoint; null: train.out
+    engine: str = "ray"  # ray | local (in this process)
+    address: str | None = None  # a Ray cluster to join; null: RAY_ADDRESS (ray job submit), else a local instance
+    actors: int = 1  # embedding actors: one per GPU on a GPU cluster, N CPU actors otherwise
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float | None = None  # null: 1 when the cluster has GPUs, else 0
+    batch_size: int = 32
+    commit_rows: int = 1024  # items per Lance commit (the unit a kill can lose)
+    max_errors: int = 100  # items that cannot be embedded (bad images) before the run stops
+    storage: CorpusStorageConfig = field(default_factory=CorpusStorageConfig)
 
 
 @dataclass
@@ -206,6 +234,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     methods: MethodsConfig = field(default_factory=MethodsConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
     root: str = "."  # the project directory every relative path is taken from
 
     def path(self, p: str | Path) -> Path:
@@ -261,6 +290,33 @@ def _check(hint, value, where: str):
     return value
 
 
+def parse_value(key: str, raw: str):
+    """An override's value as typed on a command line: YAML (`50` the number, `[1, 5]` a list),
+    with 1e-3 read as the number it means (YAML 1.2; PyYAML's 1.1 reads it as text)."""
+    import re
+
+    import yaml
+
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}={raw!r}: the value is not valid YAML ({e})") from None
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+        value = float(value)
+    return value
+
+
+def parse_set(items) -> dict:
+    """`["train.steps=50", ...]` (the CLI's --set) -> {"train.steps": 50, ...}."""
+    out = {}
+    for item in items or []:
+        key, sep, raw = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        out[key.strip()] = parse_value(key.strip(), raw)
+    return out
+
+
 def load_config(path: str | Path | None = "params.yaml", overrides: dict | list[str] | None = None) -> Config:
     """Load params.yaml (missing sections take their defaults) and apply dotted-key overrides.
 
@@ -268,8 +324,6 @@ def load_config(path: str | Path | None = "params.yaml", overrides: dict | list[
     is the defaults alone, rooted at the current folder. `overrides`: {"train.steps": 50} (values
     as given) or ["train.steps=50", ...] (each value parsed as YAML, as `--set` on the CLI).
     """
-    import re
-
     import yaml
 
     values = {}
@@ -286,20 +340,7 @@ def load_config(path: str | Path | None = "params.yaml", overrides: dict | list[
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: must be a mapping of sections, got {type(values).__name__}")
     if isinstance(overrides, (list, tuple)):
-        parsed = {}
-        for item in overrides:
-            key, sep, raw = str(item).partition("=")
-            if not sep or not key.strip():
-                raise ConfigError(f"override {item!r}: expected section.key=value")
-            try:
-                value = yaml.safe_load(raw)
-                # YAML 1.1 (PyYAML) reads 1e-3 as text; 1e-3 means the number, as in YAML 1.2
-                if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
-                    value = float(value)
-                parsed[key.strip()] = value
-            except yaml.YAMLError as e:
-                raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
-        overrides = parsed
+        overrides = parse_set(overrides)
     for key, value in (overrides or {}).items():
         node = values
         *parents, leaf = key.split(".")

@@ -7,13 +7,16 @@
 
 An item's embedding does not depend on the rest of its batch (left padding, positions that
 skip the pads), so inputs are freely re-ordered into length-sorted batches.
+
+This class is SLQ. The methods it is compared with (zero_shot, lora, full) subclass it in
+`slq.methods`, keeping its inputs, batching and checkpoint folder; `from_pretrained` returns
+their encoder for a `method` other than "slq", or for a checkpoint that records one.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,18 +30,10 @@ from slq.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_llm_weights,
+    read_manifest,
     save_checkpoint,
 )
 from slq.inputs import check_text, load_image
-from slq.methods import (
-    SUMMARIZE_PROMPTS,
-    LoraSpec,
-    apply_lora,
-    check_method,
-    llm_delta,
-    load_llm_delta,
-    unfreeze_llm,
-)
 from slq.progress import bar
 from slq.queries import LatentQueries
 
@@ -55,18 +50,27 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-class SLQEncoder(nn.Module):
-    """A frozen MLLM + shared latent queries (method `slq`), or one of the methods it is compared
-    with (`zero_shot`, `lora`, `full`: see slq.methods), behind one encode API."""
+def encoder_class(method: str, pooling: str | None = None) -> type[SLQEncoder]:
+    """SLQEncoder for `slq`; the compared methods' encoder (slq.methods) for the others. Errors
+    name the choices."""
+    if method == "slq" and pooling in (None, "queries"):
+        return SLQEncoder
+    from slq.methods import MethodEncoder, check_method
 
-    def __init__(self, backbone: BackboneAdapter, queries: LatentQueries | None, prompts: Prompts | None = None,
-                 *, method: str = "slq", pooling: str | None = None, lora: LoraSpec | None = None):
+    check_method(method, pooling)
+    return MethodEncoder
+
+
+class SLQEncoder(nn.Module):
+    """A frozen MLLM + shared latent queries behind one encode API; only the queries train."""
+
+    method = "slq"
+    pooling = "queries"  # the mean of the queries' last hidden states
+
+    def __init__(self, backbone: BackboneAdapter, queries: LatentQueries | None, prompts: Prompts | None = None):
         super().__init__()
-        self.pooling = check_method(method, pooling)
-        self.method = method
-        self.lora = lora
-        if self.pooling == "queries" and queries is None:
-            raise ValueError(f"method {method!r} with query pooling needs queries")
+        if queries is None and self.pooling == "queries":
+            raise ValueError(f"method {self.method!r} pools by its queries: give it a LatentQueries bank")
         if queries is not None and queries.hidden_size != backbone.hidden_size:
             raise CheckpointError(
                 f"queries have hidden size {queries.hidden_size} but backbone {backbone.source} "
@@ -76,26 +80,17 @@ class SLQEncoder(nn.Module):
         self.queries = queries.to(backbone.device) if queries is not None else None
         self.prompts = prompts or Prompts()
         self.manifest: dict = {}
-        self._llm_params: list[nn.Parameter] = []
 
     @property
     def num_queries(self) -> int:
         return self.queries.num_queries if self.queries is not None else 0
 
     def make_trainable(self) -> None:
-        """Unfreeze what the method trains in the LLM (LoRA layers or every weight; nothing for slq)."""
-        if self.method == "lora" and not self._llm_params:
-            if not any("lora_" in n for n, _ in self.backbone.decoder.named_parameters()):
-                apply_lora(self.backbone, self.lora or LoraSpec())
-            self._llm_params = [p for n, p in self.backbone.decoder.named_parameters() if "lora_" in n]
-            for p in self._llm_params:
-                p.requires_grad_(True)
-        elif self.method == "full" and not self._llm_params:
-            self._llm_params = unfreeze_llm(self.backbone)
+        """Unfreeze what the method trains in the LLM: nothing for SLQ (the queries always train)."""
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """What training updates: the queries (if any) and the method's LLM weights."""
-        return ([self.queries.weight] if self.queries is not None else []) + list(self._llm_params)
+        """What training updates besides the temperature: the queries."""
+        return [self.queries.weight] if self.queries is not None else []
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
@@ -111,9 +106,9 @@ class SLQEncoder(nn.Module):
         dtype=None,
         device=None,
         attn_implementation: str | None = None,
-        method: str = "slq",
+        method: str | None = None,
         pooling: str | None = None,
-        lora: LoraSpec | dict | None = None,
+        lora=None,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         allow_backbone_mismatch: bool = False,
@@ -125,103 +120,101 @@ class SLQEncoder(nn.Module):
         on (same content fingerprint; `allow_backbone_mismatch=True` overrides, at your risk).
         `min_pixels` / `max_pixels` bound the pixels, and so the visual tokens, of each image
         (Qwen-VL processors); None keeps the checkpoint's, else the backbone folder's own settings.
+        `method` (default: this class's, "slq"), `pooling` and `lora` pick a compared method
+        (slq.methods) for a fresh encoder; a checkpoint's manifest decides them for a trained one.
         """
-        ckpt = None
+        options = {"method": method or cls.method, "pooling": pooling, "lora": lora}
+        manifest: dict = {}
         if queries is not None:
-            ckpt = load_checkpoint(queries)
-            backbone = backbone or ckpt[2]["backbone"]["path"]
-            budget = ckpt[2].get("pixel_override") or {}
+            manifest = read_manifest(queries)
+            backbone = backbone or manifest["backbone"]["path"]
+            budget = manifest.get("pixel_override") or {}
             min_pixels = min_pixels if min_pixels is not None else budget.get("min_pixels")
             max_pixels = max_pixels if max_pixels is not None else budget.get("max_pixels")
+            prompts = prompts or manifest.get("prompts") or {}
+            options = {"method": manifest.get("method", "slq"),  # written before the methods existed: slq
+                       "pooling": manifest.get("pooling_mode", "queries"), "lora": manifest.get("lora")}
+        klass = encoder_class(options["method"], options["pooling"])
         if backbone is None:
             raise ValueError("give a backbone directory, or a query checkpoint that records one")
         dev = resolve_device(device)
         adapter = load_backbone(backbone, dtype=resolve_dtype(dtype, dev), device=dev,
                                 attn_implementation=attn_implementation, min_pixels=min_pixels, max_pixels=max_pixels)
-        if ckpt is not None:
-            q, _, manifest = ckpt
-            check_backbone(manifest, adapter, queries, allow_backbone_mismatch)
-            _check_template(manifest, adapter, queries)
-            lq = None
-            if q.shape[0]:
-                lq = LatentQueries(q.shape[0], q.shape[1])
-                with torch.no_grad():
-                    lq.weight.copy_(q)
-            prompts = prompts or manifest.get("prompts") or {}
-            method = manifest.get("method", "slq")
-            pooling = manifest.get("pooling_mode", "queries")
-            lora = manifest.get("lora")
-            lora = LoraSpec(**lora) if isinstance(lora, dict) else lora
-            load_llm_delta(adapter, method, load_llm_weights(queries), lora)
-        else:
-            pooling = check_method(method, pooling)
-            lq = None
-            if pooling == "queries":
-                lq = LatentQueries(num_queries, adapter.hidden_size)
-                cls._init_queries(lq, adapter, init, seed)
-            if prompts is None and pooling == "last_token":
-                prompts = dict(SUMMARIZE_PROMPTS)
-            manifest = {}
-        if isinstance(prompts, dict):
-            prompts = Prompts.from_dict(prompts)
-        if isinstance(lora, dict):
-            lora = LoraSpec(**lora)
-        enc = cls(adapter, lq, prompts, method=method, pooling=pooling, lora=lora)
+        if queries is None:
+            return klass.fresh(adapter, num_queries=num_queries, init=init, seed=seed, prompts=prompts, **options)
+        check_backbone(manifest, adapter, queries, allow_backbone_mismatch)
+        _check_template(manifest, adapter, queries)
+        enc = klass.fresh(adapter, num_queries=manifest["num_queries"], prompts=prompts, **options)
+        enc._copy_trained(queries, resume=False)
         enc.manifest = manifest
         return enc
 
-    @staticmethod
-    def _init_queries(lq: LatentQueries, adapter: BackboneAdapter, init: str, seed: int) -> None:
-        if init == "random":
-            lq.reset_random(torch.Generator().manual_seed(seed))
-        elif init.startswith("text:"):
-            ids = adapter.tokenizer(init[5:], add_special_tokens=False)["input_ids"]
-            emb = adapter.input_embeddings.weight[torch.tensor(ids, device=adapter.device)]
-            lq.init_from_embeddings(emb.detach().cpu())
-        else:
-            raise ValueError(f"unknown query init {init!r}: use 'random' or 'text:<words>'")
+    @classmethod
+    def fresh(cls, adapter: BackboneAdapter, *, num_queries: int = 20, init: str = "random", seed: int = 0,
+              prompts: Prompts | dict | None = None, **method_options) -> SLQEncoder:
+        """An untrained encoder on a loaded backbone. `method_options` (method, pooling, lora) are
+        the compared methods' (slq.methods); SLQ has none."""
+        method = method_options.get("method") or cls.method
+        if method != cls.method:
+            raise ValueError(f"{cls.__name__}.fresh makes method {cls.method!r}, not {method!r}: "
+                             f"use encoder_class({method!r})")
+        return cls(adapter, new_queries(adapter, num_queries, init, seed), as_prompts(prompts))
 
     def save(self, out_dir: str | Path, log_temp: torch.Tensor | None = None, **manifest) -> Path:
         """Write the checkpoint folder; `manifest` adds training config, data hashes, metrics.
 
-        The manifest pins the backbone (content fingerprint) and records the prompts, the chat
-        template's hash and the exact strings it renders, so the checkpoint is used as trained.
+        The manifest pins the backbone (content fingerprint) and records the method, the prompts,
+        the chat template's hash and the exact strings it renders, so the checkpoint is used as
+        trained.
         """
         bb = self.backbone
         base = {
             "backbone": {"path": bb.source, "revision": bb.revision, "model_type": bb.model_type,
                          "hidden_size": bb.hidden_size, "fingerprint": bb.fingerprint},
-            "method": self.method,
-            "pooling_mode": self.pooling,
-            "pooling": "mean_of_query_states_l2" if self.pooling == "queries" else "last_token_state_l2",
+            **self.method_manifest(),
             "prompts": self.prompts.to_dict(),
             "template": self.rendered_prompts(),
             "pixel_budget": bb.pixel_budget,  # in force while training (audit)
             "pixel_override": bb.pixel_override,  # set over the folder's own: applied again on load
         }
-        if self.method == "lora":
-            base["lora"] = asdict(self.lora or LoraSpec())
         q = self.queries.weight if self.queries is not None else torch.zeros(0, bb.hidden_size)
-        return save_checkpoint(out_dir, q, log_temp, {**base, **manifest}, llm=llm_delta(bb, self.method))
+        return save_checkpoint(out_dir, q, log_temp, {**base, **manifest}, llm=self.llm_tensors())
+
+    def method_manifest(self) -> dict:
+        """What the checkpoint's manifest records about the method (read back by from_pretrained)."""
+        return {"method": self.method, "pooling_mode": self.pooling, "pooling": "mean_of_query_states_l2"}
+
+    def llm_tensors(self) -> dict[str, torch.Tensor]:
+        """The LLM weights the method changed, saved beside the queries: none for SLQ."""
+        return {}
 
     def load_trained(self, ckpt_dir: str | Path) -> torch.Tensor | None:
         """Copy a checkpoint's queries and LLM weights into this encoder (resume); returns its log_temp.
 
         Strict: the query bank must have this encoder's shape, and LLM weights must be exactly
-        the ones this method trains (every LoRA tensor, or every LLM tensor for full fine-tuning).
+        the ones this method trains (none for SLQ).
         """
+        return self._copy_trained(ckpt_dir, resume=True)
+
+    def _copy_trained(self, ckpt_dir: str | Path, resume: bool) -> torch.Tensor | None:
         q, log_temp, manifest = load_checkpoint(ckpt_dir)
         mine = tuple(self.queries.weight.shape) if self.queries is not None else (0, self.backbone.hidden_size)
         if tuple(q.shape) != mine:
             raise CheckpointError(f"{ckpt_dir}: queries of shape {tuple(q.shape)} do not fit this encoder's {mine} "
                                   f"(method {manifest.get('method')!r} vs {self.method!r})")
-        with torch.no_grad():
-            if self.queries is not None:
+        if self.queries is not None:
+            with torch.no_grad():
                 self.queries.weight.copy_(q.to(self.queries.weight.device))
-            llm = load_llm_weights(ckpt_dir)
-            if llm or self.method in ("lora", "full"):
-                load_llm_delta(self.backbone, self.method, llm, self.lora, inject=False, keep_trainable=True)
+        self.load_llm(ckpt_dir, resume)
         return log_temp
+
+    def load_llm(self, ckpt_dir: str | Path, resume: bool) -> None:
+        """Put the checkpoint's LLM weights into the backbone. SLQ trains none: a checkpoint that
+        holds some is refused. `resume`: into an encoder that is training (slq.methods)."""
+        tensors = load_llm_weights(ckpt_dir)
+        if tensors:
+            raise ValueError(f"checkpoint holds LLM weights ({len(tensors)} tensors) but method {self.method!r} "
+                             "trains none: the checkpoint is damaged or its manifest's method is wrong")
 
     def rendered_prompts(self) -> dict:
         """The chat template's sha256 and the exact strings it renders around a caption / an image."""
@@ -239,7 +232,7 @@ class SLQEncoder(nn.Module):
             yield self
             return
         saved = self.prompts
-        self.prompts = Prompts.from_dict(prompts) if isinstance(prompts, dict) else prompts
+        self.prompts = as_prompts(prompts)
         try:
             yield self
         finally:
@@ -248,8 +241,6 @@ class SLQEncoder(nn.Module):
     # ---- forward -------------------------------------------------------------------------
     def embed_inputs(self, inputs: dict, split: bool = False) -> torch.Tensor:
         """Model inputs -> L2-normalised fp32 embeddings (B, D), differentiable in what trains."""
-        if self.pooling == "last_token":
-            return F.normalize(self.backbone.forward_last(inputs).float(), dim=-1)  # (B, D)
         q = self.queries(self.backbone.dtype)  # (Nq, D)
         fwd = self.backbone.forward_split if split else self.backbone.forward_whole
         h = fwd(inputs, q)  # (B, Nq, D)
@@ -300,6 +291,24 @@ class SLQEncoder(nn.Module):
         texts = [check_text(t, i, "instruction") for i, (_, t) in enumerate(pairs)]
         items = [(im, t) for (im, _), t in zip(pairs, texts)]
         return self._encode("multimodal", items, np.arange(len(pairs)), batch_size, progress, num_workers)
+
+
+def new_queries(adapter: BackboneAdapter, num_queries: int, init: str, seed: int) -> LatentQueries:
+    """A fresh query bank: seeded random, or `text:<words>` (the words' token embeddings, cycled)."""
+    lq = LatentQueries(num_queries, adapter.hidden_size)
+    if init == "random":
+        lq.reset_random(torch.Generator().manual_seed(seed))
+    elif init.startswith("text:"):
+        ids = adapter.tokenizer(init[5:], add_special_tokens=False)["input_ids"]
+        emb = adapter.input_embeddings.weight[torch.tensor(ids, device=adapter.device)]
+        lq.init_from_embeddings(emb.detach().cpu())
+    else:
+        raise ValueError(f"unknown query init {init!r}: use 'random' or 'text:<words>'")
+    return lq
+
+
+def as_prompts(prompts: Prompts | dict | None) -> Prompts | None:
+    return Prompts.from_dict(prompts) if isinstance(prompts, dict) else prompts
 
 
 def check_backbone(manifest: dict, adapter: BackboneAdapter, ckpt, allow_mismatch: bool = False) -> None:
@@ -365,8 +374,8 @@ def make_loader(dataset, indices, num_workers: int, device: torch.device, prefet
     (spawned: fork is unsafe beside threads, Lance and a Prefect server) and pinned on GPU."""
     kw = {}
     if num_workers > 0:
-        kw = dict(num_workers=num_workers, prefetch_factor=prefetch, multiprocessing_context="spawn",
-                  persistent_workers=False)
+        kw = {"num_workers": num_workers, "prefetch_factor": prefetch, "multiprocessing_context": "spawn",
+              "persistent_workers": False}
     return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=list(indices), collate_fn=_identity,
                                        pin_memory=device.type == "cuda", **kw)
 

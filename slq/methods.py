@@ -8,15 +8,24 @@
   last token (with the zero-shot prompt, as E5-V) or by latent queries trained alongside.
 - `full`: every LLM weight trained contrastively (the vision tower stays frozen); last-token pooling.
 
-All four go through `SLQEncoder` (same inputs, same loss, same evaluation); a checkpoint folder
-records the method, and holds the queries and, for `lora`/`full`, the changed LLM weights.
+`slq.encoder.SLQEncoder` is SLQ; `MethodEncoder` here subclasses it for the other three, so all
+four share the inputs, batching, loss, evaluation and checkpoint folder. A checkpoint records the
+method, and holds the queries and, for `lora`/`full`, the changed LLM weights;
+`SLQEncoder.from_pretrained` returns the encoder its method needs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slq.backbones.base import Prompts
+from slq.checkpoint import load_llm_weights
+from slq.encoder import SLQEncoder, as_prompts, new_queries
 
 METHODS = ("slq", "zero_shot", "lora", "full")
 POOLINGS = ("queries", "last_token")
@@ -54,6 +63,78 @@ def check_method(method: str, pooling: str | None) -> str:
     if method in ("zero_shot", "full") and pooling != "last_token":
         raise ValueError(f"method {method!r} pools by the last token (pooling: last_token)")
     return pooling
+
+
+class MethodEncoder(SLQEncoder):
+    """`zero_shot`, `lora` or `full` behind SLQEncoder's API: what differs is the pooling (the last
+    token's state, or latent queries for `lora`), what trains in the LLM, and the LLM weights a
+    checkpoint holds."""
+
+    method = "zero_shot"  # class defaults; every instance sets its own
+    pooling = "last_token"
+
+    def __init__(self, backbone, queries, prompts: Prompts | None = None, *, method: str = "zero_shot",
+                 pooling: str | None = None, lora: LoraSpec | dict | None = None):
+        pooling = check_method(method, pooling)
+        if method == "slq":
+            raise ValueError("method 'slq' is slq.encoder.SLQEncoder")
+        if pooling == "queries" and queries is None:
+            raise ValueError(f"method {method!r} with query pooling needs queries")
+        super().__init__(backbone, queries, prompts)
+        self.method, self.pooling = method, pooling
+        self.lora = LoraSpec(**lora) if isinstance(lora, dict) else lora
+        self._llm_params: list[nn.Parameter] = []
+
+    @classmethod
+    def fresh(cls, adapter, *, num_queries: int = 20, init: str = "random", seed: int = 0,
+              prompts: Prompts | dict | None = None, method: str = "zero_shot", pooling: str | None = None,
+              lora: LoraSpec | dict | None = None) -> MethodEncoder:
+        """An untrained encoder: queries only for query pooling; last-token pooling reads the E5-V
+        style summarize prompt unless `prompts` are given."""
+        pooling = check_method(method, pooling)
+        queries = new_queries(adapter, num_queries, init, seed) if pooling == "queries" else None
+        if prompts is None and pooling == "last_token":
+            prompts = dict(SUMMARIZE_PROMPTS)
+        return cls(adapter, queries, as_prompts(prompts), method=method, pooling=pooling, lora=lora)
+
+    def make_trainable(self) -> None:
+        """Unfreeze what the method trains in the LLM: the LoRA layers (injected on first call) or
+        every LLM weight; nothing for zero_shot."""
+        if self._llm_params:
+            return
+        if self.method == "lora":
+            if not any("lora_" in n for n, _ in self.backbone.decoder.named_parameters()):
+                apply_lora(self.backbone, self.lora or LoraSpec())
+            self._llm_params = [p for n, p in self.backbone.decoder.named_parameters() if "lora_" in n]
+            for p in self._llm_params:
+                p.requires_grad_(True)
+        elif self.method == "full":
+            self._llm_params = unfreeze_llm(self.backbone)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The queries (if any) and the method's LLM weights."""
+        return super().trainable_parameters() + list(self._llm_params)
+
+    def embed_inputs(self, inputs: dict, split: bool = False) -> torch.Tensor:
+        if self.pooling == "last_token":
+            return F.normalize(self.backbone.forward_last(inputs).float(), dim=-1)  # (B, D)
+        return super().embed_inputs(inputs, split)
+
+    def method_manifest(self) -> dict:
+        out = {**super().method_manifest(), "pooling": "mean_of_query_states_l2" if self.pooling == "queries"
+               else "last_token_state_l2"}
+        if self.method == "lora":
+            out["lora"] = asdict(self.lora or LoraSpec())
+        return out
+
+    def llm_tensors(self) -> dict[str, torch.Tensor]:
+        return llm_delta(self.backbone, self.method)
+
+    def load_llm(self, ckpt_dir: str | Path, resume: bool) -> None:
+        """Exactly the LLM weights the method trains; a loaded model first gets its LoRA layers,
+        a resumed one (`resume`) has them and keeps training."""
+        load_llm_delta(self.backbone, self.method, load_llm_weights(ckpt_dir), self.lora,
+                       inject=not resume, keep_trainable=resume)
 
 
 def apply_lora(adapter, spec: LoraSpec) -> list[torch.nn.Parameter]:

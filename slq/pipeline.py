@@ -43,12 +43,75 @@ def run_stage(name: str, cfg: Config, method: str | None = None) -> dict:
         raise ValueError(f"--method applies to the methods stage only, not {name!r}")
     if name == "validate":
         ensure_data(cfg)
+    from slq import tracking
+
+    track = cfg.register.track_stages
+    with tracking.stage_run(cfg, name) if track else _no_run() as run:
+        result = _dispatch(name, cfg, method)
+        if run is not None and name != "register":  # register logs its own run in full
+            tracking.log_summary(result)
+    if track and name == "register":
+        tracking.finish_parent(cfg)  # the last stage: the pipeline's MLflow run is complete
+    return result
+
+
+def _no_run():
+    import contextlib
+
+    return contextlib.nullcontext(None)
+
+
+def _dispatch(name: str, cfg: Config, method: str | None) -> dict:
     if name == "register":
         return register(cfg)
     import importlib
 
     module = importlib.import_module(f"slq.stages.{name}")
     return module.run(cfg, method) if name == "methods" else module.run(cfg)
+
+
+def prepare(params: str | Path, overrides: dict | None = None, log=print) -> tuple[Config, bool]:
+    """The config of a whole-pipeline run (the Prefect flow, `slq run`), and whether DVC keeps its
+    books: in a DVC project run on its own params.yaml, overrides are first written into
+    params.yaml (comments kept), as `dvc exp run -S` does, so dvc.lock describes what ran."""
+    from slq import lineage
+    from slq.config import load_config
+
+    cfg = load_config(params, overrides or {})  # checks the file and every override before writing
+    root = lineage.dvc_root(cfg)
+    if overrides and root is not None and Path(params).resolve() == root / "params.yaml":
+        lineage.apply_overrides(Path(params), overrides)
+        log(f"params.yaml updated with {', '.join(f'{k}={v!r}' for k, v in overrides.items())} (as `dvc exp run -S` "
+            "does): commit it, or `git checkout params.yaml`")
+        cfg, overrides = load_config(params), {}
+    why_not = lineage.tracked(cfg, params, overrides)
+    if why_not:
+        log(f"every stage runs and nothing is recorded in dvc.lock: {why_not}")
+    return cfg, why_not is None
+
+
+def run_or_skip(name: str, cfg: Config, dvc: bool, log=print) -> dict:
+    """Run one stage; with `dvc`, skip it when DVC says it is up to date (returning what its
+    outputs hold, with "skipped": True) and record it in dvc.lock when it ran, as `dvc repro` would."""
+    from slq import lineage
+
+    if dvc and lineage.up_to_date(cfg, name):
+        log(f"stage {name}: unchanged (deps, params and outs match dvc.lock), skipped")
+        return {"skipped": True, **stage_summary(name, cfg)}
+    result = run_stage(name, cfg)
+    if dvc:
+        if name == "validate":
+            for f in lineage.pin_data(cfg):
+                log(f"{f} now pins the validated data")
+        lineage.record(cfg, name)
+    return result
+
+
+def stage_summary(name: str, cfg: Config) -> dict:
+    """What a skipped stage last produced, from its own metrics or report file."""
+    path = {"evaluate": cfg.evaluate.metrics, "compare": "metrics/compare.json", "register": cfg.register.out,
+            "train": cfg.train.metrics, "pretrain": cfg.pretrain.metrics}.get(name)
+    return _read_json(cfg.path(path)) if path else {}
 
 
 def run_pipeline(cfg: Config, start: str | None = None, stop: str | None = None, on_stage=None) -> dict:

@@ -58,6 +58,7 @@ def repro(tmp_path_factory):
     proj = make_project(tmp_path_factory.mktemp("proj"))
     dvc("init", "--no-scm", "-q", cwd=proj)
     sh(sys.executable, "cli.py", "data", "generate", cwd=proj)
+    dvc("add", "data/world", cwd=proj)  # pinned, as the project's data.dvc pins data/world
     first = dvc("repro", cwd=proj)
     return proj, first.stdout
 
@@ -96,7 +97,10 @@ def test_methods_are_compared_in_the_report_the_readme_and_mlflow(repro):
         assert f"| {m} |" in table
     assert "world_knowledge t2i R@1" in table and "trainable params" in table
     readme = (proj / "README.md").read_text()
-    assert table.split("# Methods compared\n\n", 1)[1] in readme  # the same table, written by dvc repro
+    assert readme == (REPO / "README.md").read_text()  # the pipeline writes no tracked file
+    sh(sys.executable, "cli.py", "readme", cwd=proj)  # `slq readme` copies the table in, stamped
+    readme = (proj / "README.md").read_text()
+    assert table.split("# Methods compared\n\n", 1)[1] in readme and "Copied by `slq readme`" in readme
     cmp = json.loads((proj / "metrics/compare.json").read_text())
     assert cmp["zero_shot"]["budget"]["trainable_params"] == 0
     assert 0 < cmp["slq"]["budget"]["trainable_params"] < cmp["lora"]["budget"]["trainable_params"]
@@ -105,7 +109,7 @@ def test_methods_are_compared_in_the_report_the_readme_and_mlflow(repro):
     assert {b: cmp["slq"][b] for b in ("world", "world_knowledge")} == {b: scored[b] for b in ("world", "world_knowledge")}
     client = MlflowClient(f"sqlite:///{proj / 'mlflow.db'}")
     exp = client.get_experiment_by_name("slq")
-    runs = client.search_runs([exp.experiment_id], "tags.stage = 'methods'")
+    runs = [r for r in client.search_runs([exp.experiment_id], "tags.stage = 'methods'") if "method" in r.data.tags]
     assert sorted(r.data.tags["method"] for r in runs) == ["full", "lora", "zero_shot"]
     lora = next(r for r in runs if r.data.tags["method"] == "lora")
     assert "world_knowledge.t2i_R_at_1" in lora.data.metrics and "budget.step_time_mean" in lora.data.metrics
@@ -125,7 +129,7 @@ def test_methods_ran_side_by_side_and_match_a_run_in_one_process(repro):
     proj, out = repro
     assert "on 2 worker processes" in out
     for m in ("zero_shot", "lora", "full"):
-        log = (proj / f"checkpoints/methods/{m}.log").read_text()
+        log = (proj / f"logs/methods/{m}.log").read_text()
         assert f"method {m}:" in log and '"benchmarks"' in log  # the worker's own output, kept
     # the same method in this process (default threads) trains the same weights
     sh(sys.executable, "cli.py", "stage", "methods", "--method", "lora", "--set", "methods.out=checkpoints/seq",
@@ -147,10 +151,10 @@ def test_a_failing_method_is_named_and_the_others_are_kept(repro):
              "--set", "methods.metrics=metrics/bad", "--set", "methods.pooling.full=bogus", cwd=proj, check=False)
     assert res.returncode != 0
     err = res.stdout + res.stderr
-    assert "full: ValueError" in err and "bogus" in err and "checkpoints/bad/full.log" in err
+    assert "full: ValueError" in err and "bogus" in err and "logs/methods/full.log" in err
     assert "kept: " in err and "lora" in err
     assert {p.name for p in (proj / "metrics/bad").glob("*.json")} == {"lora.json", "zero_shot.json"}
-    assert "bogus" in (proj / "checkpoints/bad/full.log").read_text()  # the traceback is in the log
+    assert "bogus" in (proj / "logs/methods/full.log").read_text()  # the traceback is in the log
 
 
 def test_a_fresh_clone_with_the_backbone_cached_skips_pretraining(repro, tmp_path):
@@ -269,6 +273,7 @@ def test_validation_failure_stops_dvc_and_keeps_outputs(repro):
     train = next(r for r in rows if r["split"] == "train")
     leaked = dict(next(r for r in rows if r["split"] == "test"), image=train["image"], image_id=train["image_id"])
     bad = rows + [dict(rows[0]), leaked]  # a duplicate id and a train image leaked into test
+    pin = (proj / "data/world.dvc").read_text()
     manifest.write_text("".join(json.dumps(r) + "\n" for r in bad))
     try:
         res = dvc("repro", cwd=proj, check=False)
@@ -277,22 +282,51 @@ def test_validation_failure_stops_dvc_and_keeps_outputs(repro):
         assert "validation failed" in text and "unique" in text and "leak" in text
         for p, content in keep.items():
             assert (proj / p).read_bytes() == content, f"{p} was touched"
+        # dvc repro re-pinned the bad data before validate ran; the failed validation put the pin back
+        assert (proj / "data/world.dvc").read_text() == pin
+        assert "world.dvc restored to the last validated data" in text
     finally:
         manifest.write_text(original)
 
 
 def test_prefect_flow_runs_the_same_stages(tmp_path, prefect_harness):
+    """The flow in a DVC project: every stage runs once and is recorded in dvc.lock, so `dvc status`
+    is clean and a second flow run skips every stage; MLflow holds one parent run with a nested
+    run per stage and method, and the loss curves by step."""
+    from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
 
     from flows.pipeline import slq_pipeline
 
     proj = make_project(tmp_path / "flowproj")
+    dvc("init", "--no-scm", "-q", cwd=proj)
     sh(sys.executable, "cli.py", "data", "generate", cwd=proj)
     results = slq_pipeline(params=str(proj / "params.yaml"))
     assert list(results) == ["validate", "pretrain", "train", "embed", "index", "evaluate", "methods", "compare",
                              "register"]
+    assert not any(r.get("skipped") for r in results.values())
     assert (proj / "metrics/eval.json").exists() and results["register"]["version"] == 1
     assert set(results["methods"]) == {"zero_shot", "lora", "full"}
+    assert "up to date" in dvc("status", cwd=proj).stdout  # every stage recorded as dvc repro would
+    assert "didn't change, skipping" in dvc("repro", "register", cwd=proj).stdout
+    again = slq_pipeline(params=str(proj / "params.yaml"))
+    assert all(r.get("skipped") for r in again.values()), {k: r.get("skipped") for k, r in again.items()}
+    assert again["evaluate"]["t2i_R@1"] == results["evaluate"]["t2i_R@1"]  # read back from its metrics
+
+    client = MlflowClient(f"sqlite:///{proj / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("slq")
+    parents = client.search_runs([exp.experiment_id], "tags.`slq.role` = 'pipeline'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the skipped rerun logged nothing
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == sorted(results)  # one nested run per stage
+    methods_run = next(r for r in children if r.info.run_name == "methods")
+    method_runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{methods_run.info.run_id}'")
+    assert sorted(r.data.tags["method"] for r in method_runs) == ["full", "lora", "zero_shot"]
+    steps = SMALL["train"]["steps"]
+    train_run = next(r for r in children if r.info.run_name == "train")
+    for run_id in (train_run.info.run_id, next(r for r in method_runs if r.data.tags["method"] == "lora").info.run_id):
+        curve = client.get_metric_history(run_id, "train.loss")  # logged while training ran
+        assert [m.step for m in curve] == list(range(1, steps + 1))
 
     import asyncio
 
@@ -361,3 +395,48 @@ def test_cli_evaluates_a_checkpoint_on_a_real_format(repro, tmp_path):
         assert res.exit_code == 1 and "dataset_flickr30k.json" in res.output
     finally:
         os.chdir(cwd)
+
+
+def test_a_teammate_pulls_the_results_from_the_s3_remote_and_reruns_nothing(repro, tmp_path, s3_endpoint,
+                                                                            monkeypatch):
+    """The team's road: commit + `dvc push` to the S3 remote (moto on 127.0.0.1); a fresh `git clone`
+    + `dvc pull` + `dvc repro` reruns nothing; an experiment's metrics show beside main's."""
+    import boto3
+
+    proj, _ = repro
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)  # how the project's remote finds a non-AWS S3
+    for k, v in {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                 "GIT_COMMITTER_EMAIL": "t@t"}.items():
+        monkeypatch.setenv(k, v)
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="slq-team")
+    origin = tmp_path / "origin"
+    shutil.copytree(proj, origin, symlinks=True)
+    shutil.copy(REPO / ".gitignore", origin / ".gitignore")
+    shutil.copy(REPO / ".dvc/.gitignore", origin / ".dvc/.gitignore")  # (dvc init --no-scm writes none)
+    dvc("config", "core.no_scm", "false", cwd=origin)
+    dvc("remote", "add", "-d", "team", "s3://slq-team/dvc", cwd=origin)
+    sh("git", "init", "-q", "-b", "main", cwd=origin)
+    sh("git", "add", "-A", cwd=origin)
+    tracked = sh("git", "ls-files", cwd=origin).stdout.split()
+    assert "metrics/eval.json" in tracked and "dvc.lock" in tracked and "data/world.dvc" in tracked
+    assert not [f for f in tracked if f.startswith(("models/", "checkpoints/", "artifacts/", ".dvc/cache"))]
+    sh("git", "commit", "-q", "-m", "results", cwd=origin)
+    dvc("push", cwd=origin)
+
+    clone = tmp_path / "clone"
+    sh("git", "clone", "-q", str(origin), str(clone), cwd=tmp_path)
+    dvc("pull", cwd=clone)
+    assert "Data and pipelines are up to date" in dvc("status", cwd=clone).stdout
+    again = dvc("repro", cwd=clone).stdout
+    assert "Running stage" not in again, again
+
+    dvc("exp", "run", "-n", "lr005", "-S", "train.lr=0.05", cwd=clone)
+    shown = json.loads(dvc("exp", "show", "--json", cwd=clone).stdout)
+    main = next(e for e in shown if e.get("name") == "main")
+    exp = next(r for x in main["experiments"] for r in x["revs"] if r["name"] == "lr005")
+    for entry in (main, exp):  # both carry their metrics (not "!")
+        assert isinstance(entry["data"]["metrics"]["metrics/eval.json"]["data"]["t2i_R@1"], float), entry
+    assert exp["data"]["params"]["params.yaml"]["data"]["train"]["lr"] == 0.05
+    assert main["data"]["params"]["params.yaml"]["data"]["train"]["lr"] != 0.05
+    diff = dvc("metrics", "diff", "main", cwd=clone).stdout  # the workspace holds the experiment's results
+    assert "metrics/eval.json" in diff

@@ -5,7 +5,9 @@ benchmarks (through the embedding cache the evaluate stage filled), reads each m
 and writes the table as markdown (`methods.report`), as DVC metrics (`metrics/compare.json`) and
 into the README between the `slq:methods` markers. The text under the table is generated from the
 numbers: which method leads where, and how much of its plain recall each keeps on the knowledge
-split; nothing in it is written by hand.
+split; nothing in it is written by hand. Last, as the last stage that reports, it writes the run's
+whole report (`reports/report.html`, slq.report: losses, recall curves, this comparison, the data
+validation) as one page that needs no network.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ BEGIN = "<!-- slq:methods:begin (written by the compare stage; do not edit) -->"
 END = "<!-- slq:methods:end -->"
 KS = ("R@1", "R@5", "R@10")
 METRICS_OUT = "metrics/compare.json"
+REPORT_OUT = "reports/report.html"
 
 
 def run(cfg: Config) -> dict:
@@ -50,6 +53,9 @@ def run(cfg: Config) -> dict:
     write_json_atomic(cfg.path(METRICS_OUT), summary)
     if mc.readme:
         update_readme(cfg.path(mc.readme), text)
+    from slq.report import ReportInputs, write_report
+
+    write_report(cfg.path(REPORT_OUT), ReportInputs.from_config(cfg, compare_metrics=cfg.path(METRICS_OUT)))
     return summary
 
 
@@ -185,6 +191,28 @@ def _backbone_note(cfg: Config) -> str:
     return (f"- The frozen backbone completes {m['fact_accuracy']:.0%} of the world's fact sentences correctly "
             f"({m.get('fact_probe', {}).get('n', '?')} probes; pretrain stage), so the knowledge the "
             "knowledge split needs is in the backbone to the degree shown.\n")
+
+
+def readme_table(cfg: Config) -> str:
+    """The methods report's table for the README, stamped with where it came from (commit, machine)."""
+    import datetime
+    import os
+    import platform
+    import subprocess
+
+    report = cfg.path(cfg.methods.report)
+    if not report.is_file():
+        raise FileNotFoundError(f"{cfg.methods.report} not found: run the pipeline first (dvc repro)")
+    table = report.read_text(encoding="utf-8").split("# Methods compared\n\n", 1)[-1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cfg.root, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    cpu = platform.processor() or platform.machine()
+    day = datetime.date.today().isoformat()
+    return (f"{table}\n_Copied by `slq readme` on {day} from the run of commit {commit} on a {os.cpu_count()}-core "
+            f"{cpu} machine ({platform.system()}); another machine's backbone gives other numbers._\n")
 
 
 def update_readme(readme: Path, table: str) -> bool:

@@ -13,7 +13,7 @@ import numpy as np
 from slq.checkpoint import checkpoint_hash
 from slq.config import Config
 from slq.io import write_atomic_dir, write_json_atomic
-from slq.stages.train import data_hash, load_encoder, split_rows
+from slq.stages.train import data_hash, load_encoder, portable_backbone, split_rows
 
 
 def run(cfg: Config) -> dict:
@@ -36,7 +36,7 @@ def run(cfg: Config) -> dict:
         )
         counts[split] = {"images": len(images), "texts": len(rows)}
     meta = {"checkpoint_hash": checkpoint_hash(ckpt), "dim": enc.backbone.hidden_size,
-            "backbone": enc.backbone.source, "backbone_fingerprint": enc.backbone.fingerprint,
+            "backbone": portable_backbone(cfg, enc.backbone)["path"], "backbone_fingerprint": enc.backbone.fingerprint,
             "model_type": enc.backbone.model_type,
             "num_queries": enc.num_queries, "method": enc.method, "prompts": enc.prompts.to_dict(),
             "data_hash": data_hash(cfg), "splits": counts}

@@ -7,16 +7,17 @@ knowledge-aware test sets) and the same budget metrics; each is logged to MLflow
 
 The methods are independent, so on a CPU machine they run side by side, one process each
 (`methods.workers`, default `auto`: one per CPU core, at most one per method; on a GPU machine one
-at a time, as each may need the whole GPU). At this model size one thread per process does nearly
-the work of two (a LoRA step: 0.48 s on one thread beside another process, 0.43 s on two threads
-alone), so two processes on 2 cores finish LoRA and full fine-tuning in 103 s instead of 185 s,
-with the same numbers. Each worker's output goes to `<methods.out>/<method>.log`; the parent shows
-one progress bar per method and logs each finished method to MLflow (one writer for the sqlite
-store).
+at a time, as each may need the whole GPU). At the built-in model's size one thread per process
+does nearly the work of two, so side by side finishes sooner with the same numbers (measured:
+docs/methods.md). Each worker's output goes to `logs/methods/<method>.log` (outside the
+DVC-cached outputs: a log holds times and process ids); the parent shows one progress bar per
+method, and each method's MLflow run (nested under the stage's) gets its training curve live and
+its scores when it finishes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -38,10 +39,13 @@ def run(cfg: Config, method: str | None = None) -> dict:
     names = [method] if method else list(cfg.methods.compare)
     for m in names:
         check_method_name(m)
+    from slq import tracking
+
     workers = resolve_workers(cfg, len(names))
     if workers <= 1:
         return {m: run_method(cfg, m) for m in names}
-    return _run_parallel(cfg, names, workers)
+    with tracking.children_under_active_run():  # each method's MLflow run nests under this stage's
+        return _run_parallel(cfg, names, workers)
 
 
 def check_method_name(method: str) -> None:
@@ -94,13 +98,24 @@ def train_and_score(cfg: Config, method: str, on_event=None, side_by_side: int =
     mdir = cfg.path(mc.metrics)
     lr = mc.lr.get(method)
     lr = cfg.train.lr if lr is None else float(lr)
+    from slq import tracking
+
     on_step = (lambda rec: on_event("step", rec["step"])) if on_event else None
-    budget = train_method(cfg, method, out, lr=lr, metrics_path=mdir / f"{method}.train.json",
-                          on_step=on_step, progress=on_event is None, side_by_side=side_by_side)
-    if on_event:
-        on_event("evaluate", None)
-    bench = evaluate_checkpoint(cfg, out, mc.benchmarks)
+    track = cfg.register.track_stages
+    with (tracking.stage_run(cfg, "methods", run_name=f"method-{method}", tags={"method": method})
+          if track else contextlib.nullcontext()) as run:
+        curve = tracking.curve_logger(cfg) if run is not None else None  # the method's loss curve, live
+        budget = train_method(cfg, method, out, lr=lr, metrics_path=mdir / f"{method}.train.json",
+                              on_step=tracking.chain(on_step, curve), progress=on_event is None,
+                              side_by_side=side_by_side)
+        if curve is not None:
+            curve.close()
+        if on_event:
+            on_event("evaluate", None)
+        bench = evaluate_checkpoint(cfg, out, mc.benchmarks)
     metrics = {"method": method, "budget": budget, "benchmarks": bench}
+    if run is not None:
+        metrics["mlflow_run_id"] = run.info.run_id  # finish_method logs the scores into this run
     write_json_atomic(mdir / f"{method}.json", metrics)
     (mdir / f"{method}.train.json").unlink(missing_ok=True)
     return metrics
@@ -119,7 +134,7 @@ def run_method(cfg: Config, method: str) -> dict:
 
 
 def log_path(cfg: Config, method: str) -> Path:
-    return cfg.path(cfg.methods.out) / f"{method}.log"
+    return cfg.path("logs/methods") / f"{method}.log"
 
 
 def _worker_init(threads: int) -> None:
@@ -176,7 +191,7 @@ def _run_parallel(cfg: Config, names: list[str], workers: int) -> dict:
     threads = max(1, cpu_count() // workers)
     steps = cfg.train.steps
     print(f"methods: {', '.join(names)} on {workers} worker processes x {threads} thread(s); "
-          f"logs in {cfg.path(cfg.methods.out)}/<method>.log", flush=True)
+          f"logs in {cfg.path('logs/methods')}/<method>.log", flush=True)
     ctx = mp.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
     manager = ctx.Manager()
     events = manager.Queue()
@@ -262,8 +277,11 @@ def log_run(cfg: Config, method: str, metrics: dict, ckpt: Path) -> str | None:
                 nums[f"{bench}.{k}"] = n
     params = flatten({"train": {k: v for k, v in vars(cfg.train).items()}, "method": method,
                       "lr": metrics["budget"].get("lr"), "backbone": cfg.backbone.path})
-    with mlflow.start_run(run_name=f"method-{method}", tags={"method": method, "git_commit": git_commit(cfg.root),
-                                                             "stage": "methods"}) as run:
+    tags = {"method": method, "git_commit": git_commit(cfg.root), "stage": "methods"}
+    existing = metrics.get("mlflow_run_id")  # the run that logged the training curve, reopened
+    run_ctx = (mlflow.start_run(run_id=existing, nested=mlflow.active_run() is not None, tags=tags) if existing
+               else mlflow.start_run(run_name=f"method-{method}", nested=mlflow.active_run() is not None, tags=tags))
+    with run_ctx as run:
         mlflow.log_params({k: v[:500] for k, v in params.items()})
         mlflow.log_metrics({metric_key(k): v for k, v in nums.items()})
         mlflow.log_text(json.dumps(metrics, indent=2, default=str), "metrics.json")

@@ -56,7 +56,12 @@ def run(cfg: Config) -> dict:
     from slq.pretrain import describe_image, load_generative, pretrain, probe_facts
 
     exclude = held_out_scenes(cfg)
-    res = pretrain(p, out, exclude=exclude)
+    from slq import tracking
+
+    curve = tracking.curve_logger(cfg, "pretrain") if cfg.register.track_stages else None
+    res = pretrain(p, out, exclude=exclude, progress=curve)  # every log_every steps, live in MLflow
+    if curve is not None:
+        curve.close()
     hist = res.history
     root = cfg.path(cfg.data.root)
     first = next(r for r in load_manifest(root, cfg.data.manifest) if r["split"] == "train")
@@ -76,7 +81,9 @@ def run(cfg: Config) -> dict:
         "held_out_scenes": len(exclude),
         "sample": {"image_id": first["image_id"], "caption": first["caption"], "generated": sample},
     }
-    (out / "pretrain.json").write_text(json.dumps({"config": asdict(p), "metrics": metrics}, indent=2) + "\n")
+    # pretrain.json lives in the (DVC-cached) backbone folder: no timings there, they change on every run
+    kept = {k: v for k, v in metrics.items() if k not in ("step_time_mean", "wall_time_s")}
+    (out / "pretrain.json").write_text(json.dumps({"config": asdict(p), "metrics": kept}, indent=2) + "\n")
     write_json_atomic(cfg.path(p.metrics), metrics)
     write_csv_atomic(cfg.path(p.history), hist, HISTORY_FIELDS)
     return metrics

@@ -36,11 +36,15 @@ def tracking_uri(cfg: Config) -> str:
     return uri
 
 
-def artifact_location(cfg: Config) -> str:
-    """Where new experiments store artifacts: the configured URI, or ./mlartifacts as a file URI."""
+def artifact_location(cfg: Config) -> str | None:
+    """Where new experiments store artifacts: the configured URI; else, for a tracking server, None
+    (the server's own artifact store, `mlflow-artifacts:/...`: the same URI on every machine), and
+    for a local store ./mlartifacts as a file URI."""
     loc = cfg.register.artifact_location
     if loc and "://" in loc:
         return loc
+    if not loc and tracking_uri(cfg).startswith(("http://", "https://")):
+        return None
     return cfg.path(loc or "mlartifacts").resolve().as_uri()
 
 
@@ -307,6 +311,8 @@ def list_runs(cfg: Config, n: int = 10) -> list[dict]:
         {
             "run_id": r.info.run_id,
             "run_name": r.info.run_name,
+            "stage": r.data.tags.get("stage") or r.data.tags.get("slq.role"),  # "pipeline" for a parent
+            "parent_run_id": r.data.tags.get("mlflow.parentRunId"),
             "start_time": dt.datetime.fromtimestamp(r.info.start_time / 1000, dt.timezone.utc).isoformat(),
             "status": r.info.status,
             gm: r.data.metrics.get(gm),

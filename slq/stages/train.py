@@ -97,9 +97,16 @@ def data_hash(cfg: Config) -> str:
 
 def run(cfg: Config) -> dict:
     """Train `train.method` (default slq) into `train.out`."""
+    from slq import tracking
+
     t = cfg.train
-    return train_method(cfg, t.method, cfg.path(t.out), lr=t.lr, metrics_path=cfg.path(t.metrics),
-                        history_path=cfg.path(t.history))
+    curve = tracking.curve_logger(cfg) if cfg.register.track_stages else None  # live loss curve in MLflow
+    try:
+        return train_method(cfg, t.method, cfg.path(t.out), lr=t.lr, metrics_path=cfg.path(t.metrics),
+                            history_path=cfg.path(t.history), on_step=curve)
+    finally:
+        if curve is not None:
+            curve.close()
 
 
 def train_method(cfg: Config, method: str, out: Path, *, lr: float, metrics_path: Path,
@@ -187,10 +194,13 @@ def _train_method(cfg: Config, method: str, out: Path, data: list[dict], *, lr: 
         manifest_training = {**asdict(fit_cfg), "method": method} if result else {"method": method, "trained": False}
         if world > 1 and result:
             manifest_training["world_size"] = world
+        # The checkpoint is a DVC-cached output: no timings (they differ on every run) and the backbone
+        # path as configured (relative to the project), so the same result hashes the same anywhere.
         saved = enc.save(out, log_temp=result.log_temp if result else None, training=manifest_training,
                          data={"manifest": f"{cfg.data.root}/{cfg.data.manifest}", "manifest_sha256": data_hash(cfg),
                                "n_pairs": len(data)},
-                         metrics={k: v for k, v in metrics.items() if v is not None})
+                         backbone=portable_backbone(cfg, enc.backbone),
+                         metrics={k: v for k, v in metrics.items() if v is not None and k not in TIMING_KEYS})
         metrics["checkpoint_hash"] = checkpoint_hash(saved)
         write_json_atomic(metrics_path, metrics)
         if history_path is not None:
@@ -200,6 +210,22 @@ def _train_method(cfg: Config, method: str, out: Path, data: list[dict], *, lr: 
         return metrics
 
     return on_rank_zero(write_outputs, f"write the checkpoint {out} and the metrics")
+
+
+# measurements of the run, not of its result: kept out of DVC-cached outputs (they change on every run)
+TIMING_KEYS = ("step_time_mean", "wall_time_s", "peak_memory_gib", "peak_memory_kind", "threads", "side_by_side")
+
+
+def portable_backbone(cfg: Config, bb) -> dict:
+    """The manifest's backbone entry with the path as params.yaml gives it (relative to the project
+    when it is inside it), not this machine's absolute path; the fingerprint pins the weights."""
+    path = Path(bb.source)
+    try:
+        shown = path.resolve().relative_to(Path(cfg.root).resolve()).as_posix()
+    except ValueError:
+        shown = str(path)
+    return {"path": shown, "revision": bb.revision, "model_type": bb.model_type, "hidden_size": bb.hidden_size,
+            "fingerprint": bb.fingerprint}
 
 
 def fit_config(cfg: Config, lr: float):

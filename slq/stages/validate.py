@@ -16,6 +16,8 @@ few threads, for its hash and a full decode; the results are cached by (path, si
 
 The report is written only when the data passes, so downstream stages (and DVC) never see a
 report for bad data; a failing run writes `<report stem>.failed.json` next to it instead.
+`<report stem>.html` shows the same results (every expectation, failing rows, fixes) on a page that
+needs no network, whether the data passed or not.
 """
 
 from __future__ import annotations
@@ -69,12 +71,21 @@ def run(cfg: Config) -> dict:
     }
     path = cfg.path(v.report)
     failed_path = path.with_suffix(".failed.json")
+    # The expectations table on one self-contained page (GX Data Docs render blank offline), written
+    # whether the data passes or not: it is where a failure is read.
+    from slq.report import write_validation_page
+
+    page = write_validation_page(path.with_suffix(".html"), report, f"Data validation: {report['manifest']}")
     if not success:
         write_json_atomic(failed_path, report)
-        raise ValidationFailed(_failure_message(report, failed_path), report, failed_path)
+        message = _failure_message(report, failed_path)
+        restored = restore_pin(cfg)
+        if restored:
+            message += f"\n{restored}"
+        raise ValidationFailed(message, report, failed_path)
     write_json_atomic(path, report)
     failed_path.unlink(missing_ok=True)  # a stale failure report would only confuse
-    return {"success": True, **_counts(df), "report": str(path),
+    return {"success": True, **_counts(df), "report": str(path), "page": str(page),
             "image_files": {k: stats[k] for k in ("files", "read", "cached")}}
 
 
@@ -327,6 +338,64 @@ def _counts(df: pd.DataFrame) -> dict:
     splits = {s: {"rows": int((df["split"] == s).sum()), "images": int(df.loc[df["split"] == s, "image_id"].nunique())}
               for s in sorted(set(df["split"]) - {None}, key=str)}
     return {"n_rows": len(df), "n_images": int(df["image_id"].nunique()), "splits": splits}
+
+
+PIN_KEYS = ("md5", "size", "nfiles", "hash")
+
+
+def restore_pin(cfg: Config) -> str | None:
+    """Put the .dvc file that tracks `data.root` back on the data that last passed validation.
+
+    `dvc repro` re-hashes a changed data source and rewrites its .dvc file *before* any stage runs,
+    so without this a failed validation would leave data.dvc pinning the bad data. The last good
+    pin is the one dvc.lock records for this stage's dependency (written only when validation
+    passed). The DVC cache still holds that data: `dvc checkout <file>` brings it back.
+    Returns what was done, or None when there was nothing to restore.
+    """
+    import yaml
+
+    root = Path(cfg.root).resolve()
+    data = cfg.path(cfg.data.root).resolve()
+    try:
+        rel = data.relative_to(root).as_posix()
+    except ValueError:
+        return None
+    good = _locked_dep(root / "dvc.lock", rel)
+    if good is None:
+        return None
+    for dvc_file in sorted(set(root.glob("*.dvc")) | set(data.parent.glob("*.dvc"))):
+        try:
+            doc = yaml.safe_load(dvc_file.read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        outs = doc.get("outs") if isinstance(doc, dict) else None
+        for out in outs or []:
+            if (dvc_file.parent / str(out.get("path", ""))).resolve() != data:
+                continue
+            if all(out.get(k) == good.get(k) for k in PIN_KEYS if k in good):
+                return None
+            out.update({k: good[k] for k in PIN_KEYS if k in good})
+            from slq.io import write_text_atomic
+
+            write_text_atomic(dvc_file, yaml.safe_dump(doc, sort_keys=False))
+            return (f"{dvc_file.name} restored to the last validated data ({good.get('md5')}); the data in "
+                    f"{cfg.data.root} is NOT pinned. Fix it and rerun, or `dvc checkout {dvc_file.name}` to get "
+                    "the validated data back.")
+    return None
+
+
+def _locked_dep(lock: Path, rel: str) -> dict | None:
+    """The validate stage's recorded hash of the dependency at `rel` in dvc.lock, if any."""
+    import yaml
+
+    try:
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    except (OSError, yaml.YAMLError):
+        return None
+    for dep in (stages.get("validate") or {}).get("deps", []):
+        if dep.get("path") == rel:
+            return dep
+    return None
 
 
 def _failure_message(report: dict, path: Path) -> str:
