@@ -43,8 +43,13 @@ def run_stage(name: str, cfg: Config, method: str | None = None) -> dict:
         raise ValueError(f"--method applies to the methods stage only, not {name!r}")
     if name == "validate":
         ensure_data(cfg)
+    import importlib
+
     from slq import tracking
 
+    module = importlib.import_module(f"slq.stages.{name}") if name != "register" else None
+    if hasattr(module, "precheck"):  # bad settings fail before the MLflow run opens (and on every rank)
+        module.precheck(cfg)
     track = cfg.register.track_stages
     with tracking.stage_run(cfg, name) if track else _no_run() as run:
         result = _dispatch(name, cfg, method)

@@ -95,6 +95,13 @@ def data_hash(cfg: Config) -> str:
     return file_sha256(cfg.path(cfg.data.root) / cfg.data.manifest)[:16]
 
 
+def precheck(cfg: Config) -> None:
+    """What fails at once on every rank, before anything slow (MLflow, the model) starts: under
+    torchrun a rank that is still busy when another fails is killed before it can say why."""
+    split_rows(cfg, "train")
+    backbone_missing(cfg)
+
+
 def run(cfg: Config) -> dict:
     """Train `train.method` (default slq) into `train.out`."""
     from slq import tracking
