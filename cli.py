@@ -420,8 +420,13 @@ def search(query: Optional[str] = typer.Argument(None, help="Text to search for.
                                                 "(default: the other modality than the query's)."),
            split: Optional[str] = typer.Option(None, help="Which split's table (default: evaluate.split); "
                                                "it must have an index."),
+           exact: bool = typer.Option(False, "--exact", help="Exact search even where the table has a tuned "
+                                      "ANN index."),
            params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, as_json: bool = JsonOpt):
-    """Search the LanceDB index with a caption (`slq search "a red circle"`) or an image (`--image x.png`)."""
+    """Search the LanceDB index with a caption (`slq search "a red circle"`) or an image (`--image x.png`).
+
+    A table with an ANN index is searched with the settings the index stage tuned for it, others
+    exactly; the table must have been written by the checkpoint that embeds the query (train.out)."""
     import contextlib
 
     if (query is None) == (image is None):
@@ -439,21 +444,30 @@ def search(query: Optional[str] = typer.Argument(None, help="Text to search for.
     ckpt = cfg.path(cfg.train.out)
     if not ckpt.exists():
         _fail(f"no checkpoint at {ckpt}: run the pipeline first")
-    from slq.stages.index import search as lance_search
+    from slq.checkpoint import checkpoint_hash
+    from slq.search import Searcher, SearchError
     from slq.stages.train import load_encoder
 
+    try:  # the table's checkpoint is checked before the encoder loads
+        searcher = Searcher(cfg, checkpoint_hash(ckpt), exact=exact, source=f"the checkpoint {ckpt}")
+        searcher.table(split, target)
+    except SearchError as e:
+        _fail(str(e))
     # with --json, whatever the libraries print goes to stderr: stdout holds the JSON only
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
         enc = load_encoder(cfg, queries=ckpt)
         vec = enc.encode_text([query])[0] if query is not None else enc.encode_image([image])[0]
-        hits = lance_search(cfg, vec, table, k=k)
+        res = searcher.search(vec, split, target, k)
+    hits = res["hits"]
     if as_json:
         _print_json({"query": query if query is not None else str(image), "target": target, "split": split,
-                     "table": table, "k": k,
-                     "hits": [{c: v for c, v in h.items() if c != "_distance"} for h in hits]})
+                     "table": table, "k": k, "search": res["search"], "hits": hits})
         return
     cols = ["score", "image_id", "caption", "image"] if target == "text" else ["score", "image_id", "image"]
-    _table(f"top {k} in {table}", hits, cols)
+    how = res["search"]
+    how = (f"ANN, nprobes {how['nprobes']}, refine_factor {how['refine_factor']}" if how["mode"] == "ann"
+           else "exact")
+    _table(f"top {k} in {table} ({how})", hits, cols)
 
 
 # ---- MLflow: the tracking store must exist (read-only commands never create one) ----------
@@ -527,11 +541,35 @@ def promote(version: int = typer.Argument(..., help="Model version to promote.")
 def serve(port: int = typer.Option(5001, help="Port to listen on."),
           host: str = typer.Option("127.0.0.1", help="Address to bind."),
           version: Optional[int] = typer.Option(None, help="A version instead of the champion alias."),
+          search_: bool = typer.Option(False, "--search", help="Serve top-k search against the index "
+                                       "(POST /search: text, image, or image + instruction) with the pipeline's "
+                                       "checkpoint (train.out), instead of the registered embedding model."),
+          exact: bool = typer.Option(False, "--exact", help="With --search: exact search even where a table has "
+                                     "a tuned ANN index."),
           params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt):
-    """Serve the registered model over HTTP (mlflow models serve, local environment)."""
+    """Serve the registered model over HTTP (mlflow models serve, local environment), or with
+    --search the search service (FastAPI + uvicorn; slq/service.py documents the API)."""
     cfg = _config(params, set_)
     if not 0 < port < 65536:
         _fail(f"--port must be between 1 and 65535, got {port}")
+    if exact and not search_:
+        _fail("--exact applies to --search only")
+    if search_:
+        if version is not None:
+            _fail("--version picks a registered embedding model; --search serves the checkpoint the index was "
+                  "built with (train.out)")
+        import uvicorn
+
+        from slq.search import SearchError
+        from slq.service import create_app
+
+        try:  # the encoder loads and the default split's tables are checked before the server starts
+            search_app = create_app(cfg, exact=exact)
+        except SearchError as e:
+            _fail(str(e))
+        _console().print(f"search service at http://{host}:{port}/search (GET /health; /docs for the API)")
+        uvicorn.run(search_app, host=host, port=port, log_level="info")
+        return
     mv = _model_version(cfg, version)  # the version (or the alias) must exist before the server starts
     rc = cfg.register
     uri = f"models:/{rc.model_name}/{version}" if version is not None else f"models:/{rc.model_name}@{rc.alias}"

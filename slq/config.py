@@ -161,10 +161,33 @@ class EmbedConfig:
 
 @dataclass
 class IndexConfig:
+    """The LanceDB tables, their ANN index (built, measured against exact search, tuned) and the
+    search service's request limits (slq.stages.index, slq.search, slq.service)."""
+
     uri: str = "artifacts/lancedb"
     table_prefix: str = "slq"
-    ann_min_rows: int = 100_000  # build an ANN index at or above this many rows
-    out: str = "artifacts/index.json"  # table names and versions
+    ann_min_rows: int = 100_000  # build an ANN index at or above this many rows; smaller tables stay exact
+    out: str = "artifacts/index.json"  # table names, versions and each ANN table's tuned search settings
+    metrics: str = "metrics/index.json"  # build time, recall, settings, latency per table (DVC metrics)
+    ann_type: str = "IVF_PQ"  # IVF_PQ | IVF_HNSW_SQ
+    # the ANN index's distance: l2 | cosine | dot. On L2-normalised embeddings all three rank alike
+    # (exact search and evaluation use dot); LanceDB partitions and quantizes l2 best
+    ann_metric: str = "l2"
+    num_partitions: int | None = None  # IVF partitions; None: sqrt(rows)
+    num_sub_vectors: int | None = None  # PQ sub-vectors (IVF_PQ); None: dim / 16 (a divisor of dim)
+    max_iterations: int = 50  # k-means iterations training IVF centroids and PQ codebooks; fewer build faster
+    recall_k: int = 10  # recall@k of ANN against exact search
+    recall_target: float = 0.95  # the tuned settings must reach it, or the stage fails
+    recall_queries: int = 200  # held-out query vectors (the other modality's), sampled with `seed`
+    seed: int = 0
+    nprobes: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])  # grid, ascending
+    # grid, ascending; None: no exact re-rank of the ANN candidates
+    refine_factors: list[int | None] = field(default_factory=lambda: [None, 5, 10, 20, 50])
+    # the search service (slq serve --search) and the served pyfunc
+    max_k: int = 100  # largest k a request may ask for
+    max_text_chars: int = 2000  # longer text is refused before it is tokenized
+    max_image_bytes: int = 10_000_000  # decoded image file size cap
+    image_root: str | None = None  # image_url / paths are served only from here; None: data.root
 
 
 @dataclass

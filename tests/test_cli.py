@@ -39,9 +39,11 @@ def proj(tmp_path_factory):
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     cfg = load_config(root / "params.yaml")
     enc = SLQEncoder.from_pretrained(backbone, num_queries=4, seed=0)
-    enc.save(cfg.path(cfg.train.out), metrics={})
+    from slq.checkpoint import checkpoint_hash
 
-    # the index: a text and an image table for the test split only
+    ckpt_hash = checkpoint_hash(enc.save(cfg.path(cfg.train.out), metrics={}))
+
+    # the index (written by this checkpoint: search refuses another's table): a text and an image table for the test split only
     import lancedb
 
     rng = np.random.default_rng(0)
@@ -50,7 +52,8 @@ def proj(tmp_path_factory):
         vecs = rng.standard_normal((6, enc.backbone.hidden_size)).astype(np.float32)
         vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
         rows = [{"id": f"c{i}", "image_id": f"i{i}", "caption": f"caption {i}", "split": "test"} for i in range(6)]
-        db.create_table(f"slq_test_{modality}", data=_arrow_table(vecs, rows, modality, {}, "h0"), mode="overwrite")
+        db.create_table(f"slq_test_{modality}", data=_arrow_table(vecs, rows, modality, {}, ckpt_hash),
+                        mode="overwrite")
 
     # metrics as the evaluate and train stages write them, plus a report file from `slq evaluate`
     world = {"t2i_R@1": 0.25, "i2t_R@1": 0.5}

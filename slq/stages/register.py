@@ -226,7 +226,7 @@ def run(
         version = existing_version(client, rc.model_name, run_tags["checkpoint_hash"], fingerprint)
         if version is None:  # a new model: log and register it
             info = serve.log_model(ckpt, backbone, int(manifest["hidden_size"]), log_backbone=rc.log_backbone,
-                                   registered_model_name=rc.model_name)
+                                   registered_model_name=rc.model_name, max_text_chars=cfg.index.max_text_chars)
             version = int(info.registered_model_version)
             client.set_model_version_tag(rc.model_name, str(version), "checkpoint_hash", run_tags["checkpoint_hash"])
             client.set_model_version_tag(rc.model_name, str(version), "backbone_fingerprint", fingerprint)
