@@ -349,7 +349,9 @@ def test_served_pyfunc_answers_400_with_the_message(project, tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
         cfg = project["cfg"]
-        with mlflow.start_run():
+        # its own experiment in this store: the process-wide active experiment may be another store's
+        exp = mlflow.set_experiment("pyfunc-400")
+        with mlflow.start_run(experiment_id=exp.experiment_id):
             info = log_model(cfg.path(cfg.train.out), cfg.path(cfg.backbone.path), 64, log_backbone=False,
                              max_text_chars=50)
         model = mlflow.pyfunc.load_model(info.model_uri)
