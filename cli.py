@@ -381,16 +381,6 @@ def metrics(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, as_jso
         _show_metrics(out["train"], "train")
 
 
-def _lance_tables(db) -> list[str]:
-    names, token = [], None
-    while True:
-        res = db.list_tables(page_token=token)
-        names += list(res.tables)
-        token = res.page_token
-        if not token:
-            return names
-
-
 def _index_table(cfg, split: str, target: str) -> str:
     """The LanceDB table of (split, target), or an error listing the splits that have one."""
     from slq.stages.index import table_name
@@ -400,7 +390,9 @@ def _index_table(cfg, split: str, target: str) -> str:
         _fail(f"no LanceDB index at {uri}: run the pipeline first (`slq run` or `dvc repro`)")
     import lancedb
 
-    names = _lance_tables(lancedb.connect(str(uri)))
+    from slq.search import lance_tables
+
+    names = lance_tables(lancedb.connect(str(uri)))
     name = table_name(cfg, split, target)
     if name not in names:
         prefix, suffix = f"{cfg.index.table_prefix}_", f"_{target}"

@@ -171,11 +171,8 @@ class CurveLogger:
     """`on_step` for a training loop: each step's loss, temperature, lr and grad norm as MLflow
     metrics `<prefix>.<name>` by step, sent every `flush_every` steps (and at `close`)."""
 
-    def __init__(self, run_id: str, cfg: Config, prefix: str = "train", flush_every: int = 10):
-        from slq.stages.register import _client
-
-        self.client = _client(cfg)
-        self.run_id, self.prefix, self.flush_every = run_id, prefix, flush_every
+    def __init__(self, client, run_id: str, prefix: str = "train", flush_every: int = 10):
+        self.client, self.run_id, self.prefix, self.flush_every = client, run_id, prefix, flush_every
         self.pending: list = []
 
     def __call__(self, rec: dict) -> None:
@@ -203,7 +200,11 @@ def curve_logger(cfg: Config, prefix: str = "train") -> CurveLogger | None:
     import mlflow
 
     run = mlflow.active_run()
-    return CurveLogger(run.info.run_id, cfg, prefix) if run is not None else None
+    if run is None:
+        return None
+    from slq.stages.register import _client
+
+    return CurveLogger(_client(cfg), run.info.run_id, prefix)
 
 
 def chain(*callbacks):

@@ -252,24 +252,20 @@ def run(
     return report
 
 
-HISTORY_METRICS = ("loss", "temperature", "lr", "grad_norm")
-
-
 def log_history(client, run_id: str, path: Path) -> int:
     """A training history CSV (one row per step) as MLflow metric series `train.<name>` by step:
-    the loss curve in the UI. Returns the number of steps logged."""
+    the loss curve in the UI, sent as the live curve is (slq.tracking.CurveLogger). Returns the
+    number of steps logged."""
     import csv
-    import time
 
-    from mlflow.entities import Metric
+    from slq.tracking import CURVE_KEYS, CurveLogger
 
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    ts = int(time.time() * 1000)
-    series = [Metric(f"train.{name}", float(row[name]), ts, int(row["step"]))
-              for row in rows for name in HISTORY_METRICS if row.get(name) not in (None, "")]
-    for i in range(0, len(series), 1000):  # MLflow's batch limit
-        client.log_batch(run_id, metrics=series[i:i + 1000])
+    curve = CurveLogger(client, run_id, "train", flush_every=len(rows) + 1)  # one send, in batches
+    for row in rows:
+        curve({"step": row["step"], **{k: row[k] for k in CURVE_KEYS if row.get(k) not in (None, "")}})
+    curve.close()
     return len(rows)
 
 
