@@ -55,7 +55,8 @@ def ray_address(s3):
     """One local Ray instance for the module (after `s3`, so its workers see the same environment)."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")  # loopback only
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

@@ -289,7 +289,7 @@ def _run_ray(job: EmbedJob, pending, table: CorpusTable, ckpt_hash: str, commit:
             ray.init(address=address)
         else:  # the actors' CPUs plus room for the read and write tasks
             ray.init(address="local", num_cpus=math.ceil(job.actors * job.cpus_per_actor) + 2,
-                     include_dashboard=False)
+                     include_dashboard=False, _node_ip_address="127.0.0.1")  # a local instance: loopback only
         started = True
     try:
         gpus = job.gpus_per_actor
