@@ -126,6 +126,8 @@ class TrainConfig:
     split_forward: bool = True
     max_text_tokens: int | None = 128  # a templated caption's token budget in training (the reference: 128)
     num_workers: int = 0  # DataLoader processes building batches ahead (decode + processor); 0: in-process
+    prefix_buckets: int = 1  # split forward: the prompt in up to this many length groups (less padding; same result)
+    compile_queries: bool = False  # split forward: torch.compile the query step (CUDA graphs on GPU; same result)
     method: str = "slq"  # slq | zero_shot | lora | full (slq.methods)
     pooling: str | None = None  # the method's default: queries for slq, last_token otherwise
     lora_r: int = 8

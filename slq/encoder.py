@@ -239,11 +239,17 @@ class SLQEncoder(nn.Module):
             self.prompts = saved
 
     # ---- forward -------------------------------------------------------------------------
-    def embed_inputs(self, inputs: dict, split: bool = False) -> torch.Tensor:
-        """Model inputs -> L2-normalised fp32 embeddings (B, D), differentiable in what trains."""
+    def embed_inputs(self, inputs: dict, split: bool = False, buckets: int = 1) -> torch.Tensor:
+        """Model inputs -> L2-normalised fp32 embeddings (B, D), differentiable in what trains.
+
+        `split`: the prompt under no_grad into a KV cache, then the queries (exact; see
+        `BackboneAdapter.forward_split`), its prompt in up to `buckets` length groups.
+        """
         q = self.queries(self.backbone.dtype)  # (Nq, D)
-        fwd = self.backbone.forward_split if split else self.backbone.forward_whole
-        h = fwd(inputs, q)  # (B, Nq, D)
+        if split:
+            h = self.backbone.forward_split(inputs, q, buckets=buckets)  # (B, Nq, D)
+        else:
+            h = self.backbone.forward_whole(inputs, q)
         return F.normalize(h.float().mean(dim=1), dim=-1)  # (B, D)
 
     def prepare(self, texts=None, images=None, offset: int = 0, max_text_tokens: int | None = None) -> dict:

@@ -115,10 +115,10 @@ class MethodEncoder(SLQEncoder):
         """The queries (if any) and the method's LLM weights."""
         return super().trainable_parameters() + list(self._llm_params)
 
-    def embed_inputs(self, inputs: dict, split: bool = False) -> torch.Tensor:
+    def embed_inputs(self, inputs: dict, split: bool = False, buckets: int = 1) -> torch.Tensor:
         if self.pooling == "last_token":
             return F.normalize(self.backbone.forward_last(inputs).float(), dim=-1)  # (B, D)
-        return super().embed_inputs(inputs, split)
+        return super().embed_inputs(inputs, split, buckets)
 
     def method_manifest(self) -> dict:
         out = {**super().method_manifest(), "pooling": "mean_of_query_states_l2" if self.pooling == "queries"

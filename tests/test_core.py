@@ -78,6 +78,32 @@ def test_split_equals_whole(encoder, kind):
     q.grad = None
 
 
+@pytest.mark.parametrize("kind", ["text", "image", "multimodal"])
+def test_bucketed_prefix_equals_plain_split(encoder, kind):
+    """The prompt run in length groups (less padding) and laid back into one cache gives the plain
+    split's embeddings and query gradients (fp32), and the whole sequence's."""
+    from slq.backbones.base import plan_buckets
+
+    inputs = batches(encoder)[kind]
+    q = encoder.queries.weight
+    results = []
+    for split, buckets in ((True, 1), (True, 3), (False, 1)):
+        q.grad = None
+        emb = encoder.embed_inputs(inputs, split=split, buckets=buckets)
+        target = torch.linspace(-1, 1, emb.numel()).reshape(emb.shape)
+        (emb * target).sum().backward()
+        results.append((emb.detach().clone(), q.grad.clone()))
+    (e1, g1), (eb, gb), (ew, gw) = results
+    torch.testing.assert_close(eb, e1, rtol=1e-5, atol=1e-6)
+    assert (gb - g1).norm() / g1.norm() < 1e-5
+    torch.testing.assert_close(eb, ew, rtol=1e-4, atol=1e-6)
+    assert (gb - gw).norm() / gw.norm() < 1e-4
+    lengths = inputs["attention_mask"].sum(-1).tolist()
+    if len(set(lengths)) > 1:  # rows of different lengths: the prompt really ran in several groups
+        assert len(plan_buckets(lengths, 3)) > 1, lengths
+    q.grad = None
+
+
 def test_padding_invariance(encoder):
     alone = encoder.encode_text(TEXTS[:1])
     padded = encoder.encode_text(TEXTS, batch_size=3)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import types
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -376,6 +377,8 @@ class BackboneAdapter:
         self._query_slots: torch.Tensor | None = None  # (B, L+Nq) bool: where the queries go
         self._injected = False
         self._fingerprint: str | None = None
+        self._query_step = None  # compile_queries(): the compiled query step
+        self._cache_multiple = 1
         self.input_embeddings.register_forward_hook(self._inject_queries)
 
     # ---- loading -------------------------------------------------------------------------
@@ -499,7 +502,8 @@ class BackboneAdapter:
         out = {}
         for k, v in inputs.items():
             if torch.is_tensor(v):
-                v = v.to(self.device)
+                # pinned (DataLoader pin_memory on GPU): copied while the previous step still computes
+                v = v.to(self.device, non_blocking=v.device.type == "cpu" and v.is_pinned())
                 if v.is_floating_point():
                     v = v.to(self.dtype)
             out[k] = v
@@ -531,15 +535,61 @@ class BackboneAdapter:
         out = self.base(**ext, use_cache=False)
         return out.last_hidden_state[torch.arange(last.shape[0], device=last.device), last]  # (B, D)
 
-    def forward_split(self, inputs: dict, queries: torch.Tensor) -> torch.Tensor:
+    def forward_split(self, inputs: dict, queries: torch.Tensor, buckets: int = 1) -> torch.Tensor:
         """Prompt under no_grad into a KV cache, then only the Nq query tokens (with autograd).
 
         Exact: under causal attention the prompt never sees the queries, so its keys and values
         do not depend on them. Activation memory is proportional to Nq, not to the prompt.
+
+        `buckets` > 1 runs the prompt in up to that many groups of rows of similar length, each
+        padded only to its own longest row (`plan_buckets`), and lays their caches back into the
+        batch's left-padded layout; the query step is one batched forward as before. Same
+        result (an item's states do not depend on its batch: positions skip the left padding),
+        less compute on padding.
         """
         inputs = self._to_device(inputs)
         B = inputs["input_ids"].shape[0]
         n_q = queries.shape[0]
+        mask = inputs["attention_mask"]
+        width = mask.shape[1]
+        if self._query_step is not None:  # compiled: cache widths rounded up, so few shapes recompile
+            width = -(-width // self._cache_multiple) * self._cache_multiple
+        groups = plan_buckets(mask.long().sum(-1).tolist(), buckets) if buckets > 1 else [list(range(B))]
+        if len(groups) == 1 and width == mask.shape[1]:
+            cache, pos = self._prefix(inputs)
+        else:
+            parts = [(idx, *self._prefix(self.select_rows(inputs, idx) if len(groups) > 1 else inputs))
+                     for idx in groups]
+            cache, pos = merge_prefixes(parts, B, width)
+            mask = torch.cat([mask.new_zeros((B, width - mask.shape[1])), mask], 1)
+        mask = torch.cat([mask, mask.new_ones((B, n_q))], 1)
+        q = queries.to(self.dtype).unsqueeze(0).expand(B, -1, -1)  # (B, Nq, D)
+        step = self._query_step or self._query_forward
+        return step(q, mask, self.query_positions(pos, n_q), cache)  # (B, Nq, D)
+
+    def _query_forward(self, q: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """The Nq query tokens against the prompt's cache: the queries are the whole input here
+        (no embedding lookup, no hook).  q (B, Nq, D) -> last hidden states (B, Nq, D)"""
+        out = self.base(inputs_embeds=q, attention_mask=mask, position_ids=positions, use_cache=True,
+                        **{self.cache_kwarg: cache})
+        return out.last_hidden_state
+
+    def compile_queries(self, mode: str | None = None, cache_multiple: int = 64) -> None:
+        """Compile the split forward's query step (forward and backward) with torch.compile: it
+        runs only Nq tokens per row, so eager kernel launches, not arithmetic, bound it.
+
+        `mode` defaults to "reduce-overhead" (CUDA graphs) on GPU, the default elsewhere. Cache
+        widths are rounded up to `cache_multiple` (left padding, masked) so that batches of other
+        lengths reuse a compiled graph instead of compiling again. Same result as eager.
+        """
+        if mode is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        self._cache_multiple = max(1, int(cache_multiple))
+        self._query_step = torch.compile(self._query_forward, mode=mode, dynamic=False)
+
+    @torch.no_grad()
+    def _prefix(self, inputs: dict):
+        """The prompt's forward into a KV cache.  -> (cache, the decoder's position ids (..., B, L))"""
         captured = {}
 
         def grab(module, args, kwargs):
@@ -547,8 +597,7 @@ class BackboneAdapter:
 
         handle = self.decoder.register_forward_pre_hook(grab, with_kwargs=True)
         try:
-            with torch.no_grad():
-                out = self.base(**inputs, use_cache=True)
+            out = self.base(**inputs, use_cache=True)
         finally:
             handle.remove()
         if "position_ids" not in captured:
@@ -564,17 +613,102 @@ class BackboneAdapter:
                 "cannot continue the prompt's (mRoPE). This transformers version or model is not supported by "
                 "the split forward: use split_forward: false."
             )
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones((B, n_q))], 1)
-        q = queries.to(self.dtype).unsqueeze(0).expand(B, -1, -1)  # (B, Nq, D)
-        out = self.base(  # the queries are the whole input here: no embedding lookup, no hook
-            inputs_embeds=q,
-            attention_mask=mask,
-            position_ids=self.query_positions(pos, n_q),
-            use_cache=True,
-            **{self.cache_kwarg: cache},
-        )
-        return out.last_hidden_state  # (B, Nq, D)
+        return getattr(out, "cache", None) or getattr(out, "past_key_values", None), pos
+
+    def select_rows(self, inputs: dict, rows: list[int]) -> dict:
+        """The sub-batch of `rows` of a left-padded batch, cut to its own longest row.
+
+        Per-token fields and explicit positions are indexed by row; images follow their rows:
+        a (B, C, H, W) `pixel_values` by row, Qwen-VL's flat patches (one image per row, sized
+        by `image_grid_thw`) by each image's span.
+        """
+        mask = inputs["attention_mask"]
+        idx = torch.tensor(rows, device=mask.device)
+        width = int(mask[idx].long().sum(-1).max())
+        out = dict(inputs)
+        for k in (*TOKEN_FIELDS, "position_ids"):
+            v = inputs.get(k)
+            if torch.is_tensor(v):
+                out[k] = v.index_select(-2, idx)[..., -width:]
+        pix, thw = inputs.get("pixel_values"), inputs.get("image_grid_thw")
+        if thw is not None:
+            if thw.shape[0] != mask.shape[0]:
+                raise ValueError(f"bucketed prefix needs one image per row; this batch has {thw.shape[0]} images "
+                                 f"for {mask.shape[0]} rows: use buckets=1")
+            ends = thw.prod(-1).cumsum(0).tolist()
+            starts = [0, *ends[:-1]]
+            out["pixel_values"] = torch.cat([pix[starts[r]:ends[r]] for r in rows])
+            out["image_grid_thw"] = thw[idx]
+        elif torch.is_tensor(pix):
+            out["pixel_values"] = pix[idx]
+        return out
+
+
+def plan_buckets(lengths: Sequence[int], max_buckets: int, tolerance: float = 0.02) -> list[list[int]]:
+    """Rows grouped by length into at most `max_buckets` groups so that the padded tokens
+    (sum over groups of rows x longest row) are fewest; the fewest groups within `tolerance`
+    of the best are taken (each group is one more forward). -> row indices per group, shortest first.
+    """
+    n = len(lengths)
+    order = sorted(range(n), key=lambda i: lengths[i])
+    sl = [int(lengths[i]) for i in order]
+    k_max = max(1, min(max_buckets, n))
+    inf = float("inf")
+    # best[k][j]: fewest padded tokens for the first j sorted rows in k groups; cut[k][j]: where the last starts
+    best = [[inf] * (n + 1) for _ in range(k_max + 1)]
+    cut = [[0] * (n + 1) for _ in range(k_max + 1)]
+    best[0][0] = 0
+    for k in range(1, k_max + 1):
+        for j in range(1, n + 1):
+            for i in range(k - 1, j):
+                c = best[k - 1][i] + (j - i) * sl[j - 1]
+                if c < best[k][j]:
+                    best[k][j], cut[k][j] = c, i
+    floor = min(best[k][n] for k in range(1, k_max + 1))
+    k = next(k for k in range(1, k_max + 1) if best[k][n] <= floor * (1 + tolerance))
+    groups, j = [], n
+    while k > 0:
+        i = cut[k][j]
+        groups.append(order[i:j])
+        j, k = i, k - 1
+    return groups[::-1]
+
+
+def _cache_layers(cache) -> list:
+    """(keys, values) holders of a transformers cache: its layers (5.x) or its per-layer lists (4.x)."""
+    if hasattr(cache, "layers"):
+        return list(cache.layers)
+    return [types.SimpleNamespace(keys=k, values=v) for k, v in zip(cache.key_cache, cache.value_cache)]
+
+
+def merge_prefixes(parts: list, batch: int, width: int):
+    """Caches and positions of row groups -> one cache and positions in the batch's left-padded
+    layout (B rows, `width` columns, each row's tokens right-aligned; pad keys/values are zero and
+    masked out).  parts: [(rows, cache, positions (..., b, w)), ...] -> (cache, positions (..., B, width))
+    """
+    _, cache, pos0 = parts[0]
+    layers = [_cache_layers(c) for _, c, _ in parts]
+    merged = []
+    for li, layer in enumerate(layers[0]):
+        kv = []
+        for name in ("keys", "values"):
+            t = getattr(layer, name)
+            full = t.new_zeros((batch, *t.shape[1:-2], width, t.shape[-1]))
+            for (rows, _, _), group in zip(parts, layers):
+                g = getattr(group[li], name)
+                full[torch.tensor(rows, device=g.device), ..., width - g.shape[-2]:, :] = g
+            kv.append(full)
+        merged.append(kv)
+    if hasattr(cache, "layers"):
+        for layer, (k, v) in zip(cache.layers, merged):
+            layer.keys, layer.values = k, v
+    else:
+        cache.key_cache[:] = [k for k, _ in merged]
+        cache.value_cache[:] = [v for _, v in merged]
+    pos = pos0.new_zeros((*pos0.shape[:-2], batch, width))
+    for rows, _, p in parts:
+        pos[..., torch.tensor(rows, device=p.device), width - p.shape[-1]:] = p
+    return cache, pos
 
 
 def load_backbone(path: str | Path, *, dtype=None, device=None, attn_implementation: str | None = None,

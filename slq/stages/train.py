@@ -245,7 +245,8 @@ def fit_config(cfg: Config, lr: float):
 
 
 # train settings that do not change a run's result: a killed run resumes across changes to them
-RESULT_NEUTRAL = ("out", "metrics", "history", "work_dir", "num_workers", "save_every")
+RESULT_NEUTRAL = ("out", "metrics", "history", "work_dir", "num_workers", "save_every", "prefix_buckets",
+                  "compile_queries")
 
 
 def work_folder(cfg: Config, method: str, lr: float, backbone_source: str, world: int = 1) -> Path:
