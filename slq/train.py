@@ -151,6 +151,8 @@ def fit(
     for step in range(start, end):
         t0 = time.perf_counter()
         ids, img_inputs, txt_inputs = next(loader)
+        if split and cfg.compile_queries:  # CUDA graphs: a new iteration (the last one's backward is done)
+            torch.compiler.cudagraph_mark_step_begin()
         img = encoder.embed_inputs(img_inputs, split=split, buckets=cfg.prefix_buckets)
         txt = encoder.embed_inputs(txt_inputs, split=split, buckets=cfg.prefix_buckets)
         loss = loss_fn(img, txt)
