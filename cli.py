@@ -784,6 +784,77 @@ def corpus_status(uri: Optional[str] = typer.Option(None, "--uri", help="LanceDB
                keep=("value",))
 
 
+study_app = typer.Typer(help="Studies over pretraining seeds: the whole recipe repeated, with its spread.",
+                        no_args_is_help=True)
+app.add_typer(study_app, name="study")
+
+
+@study_app.command("seeds")
+@_user_errors
+def study_seeds(
+        more: Optional[list[int]] = typer.Argument(None, metavar="SEEDS",
+                                                   help="Seeds to run, as with --seeds: `--seeds 0 1 2` or `0 1 2`."),
+        n: Optional[int] = typer.Option(None, "--n", "-n", help="Seeds 0 .. n-1 (default 5 when no seeds are named)."),
+        seeds: Optional[list[int]] = typer.Option(None, "--seeds", help="These seeds instead of --n, e.g. --seeds 0 1 2."),
+        jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Seeds at once, one process each with "
+                                           "cores // jobs torch threads (default: one per core; 1 on a GPU)."),
+        method: Optional[list[str]] = typer.Option(None, "--method", help="Methods (repeatable; default slq and "
+                                                   "methods.compare)."),
+        metric: Optional[list[str]] = typer.Option(None, "--metric", help="Metrics in the table (repeatable; "
+                                                   "default t2i_R@1 and i2t_R@1; every one is kept per seed)."),
+        captions: int = typer.Option(0, help="Test images each backbone captions greedily (colour/shape words "
+                                     "right: a generative-skill column; 0: none)."),
+        root: Path = typer.Option(Path("studies/seeds"), help="Study folder: <root>/<recipe key>/seed_<k>/ per seed."),
+        report: Path = typer.Option(Path("reports/study_seeds.md"), help="The markdown table."),
+        json_out: Path = typer.Option(Path("metrics/study_seeds.json"), "--json-out", help="The numbers (JSON)."),
+        params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, as_json: bool = JsonOpt):
+    """Pretrain the built-in backbone with each seed, train and score every method on it, and write
+    one table: mean, sd and 95% interval over seeds, and paired differences SLQ minus each baseline.
+    Finished seeds are kept (keyed by the recipe): a rerun with more seeds runs only the new ones."""
+    from slq import study
+    from slq.methods import METHODS
+
+    cfg = _config(params, set_)
+    named = [*(seeds or []), *(more or [])]
+    if named and n is not None:
+        _fail("give --n or the seeds (--seeds 0 1 2), not both")
+    if n is not None and n < 1:
+        _fail(f"--n {n}: at least one seed")
+    chosen = sorted(set(named)) if named else list(range(5 if n is None else n))
+    methods = list(method or study.all_methods(cfg))
+    if bad := [m for m in methods if m not in METHODS]:
+        _fail(f"--method {', '.join(bad)}: not one of {', '.join(METHODS)}")
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():  # stdout: the JSON only
+        res = study.run_study(cfg, chosen, root, methods=methods, jobs=jobs, captions=captions,
+                              progress=not as_json)
+    if not res.results:
+        _fail("no seed finished:\n" + "\n".join(f"  seed {s}: {e}" for s, e in res.failed.items()))
+    agg = study.aggregate(res.results, methods, metrics=metric or study.METRICS)
+    machines = sorted({json.dumps(r["machine"], sort_keys=True) for r in res.results if r.get("machine")})
+    header = {"recipe key": f"{res.key} ({res.dir})", "seeds": ", ".join(map(str, agg["seeds"])),
+              "methods": ", ".join(methods), "overrides": ", ".join(set_ or []) or "none",
+              "machine": "; ".join(_machine_line(json.loads(m)) for m in machines) or "not recorded",
+              "code": ", ".join(sorted({str(r.get("git_commit", "unknown"))[:12] for r in res.results})),
+              "this run": f"ran {len(res.ran)} seed(s), reused {len(res.cached)}, {res.wall_s:.0f} s"}
+    study.write_outputs(res, agg, cfg.path(report), cfg.path(json_out), header)
+    if as_json:
+        _print_json({"recipe_key": res.key, "header": header, **agg})
+    else:
+        for title, cols, rows in study.tables(agg, res.results):
+            _table(title, rows, cols)
+        _console().print(f"written: {cfg.path(report)}, {cfg.path(json_out)} (and in {res.dir})", soft_wrap=True)
+    if res.failed:
+        _fail("seed(s) failed (no result kept; a rerun resumes them):\n"
+              + "\n".join(f"  seed {s}: {e}" for s, e in res.failed.items()))
+
+
+def _machine_line(m: dict) -> str:
+    return f"{m.get('cpu')}, {m.get('cores')} cores, {m.get('torch_threads')} torch thread(s)" + (
+        f", {m['cuda']}" if m.get("cuda") else "") + f", torch {m.get('torch')}"
+
+
 def main():
     app()
 

@@ -1,0 +1,579 @@
+"""Seed study: the whole recipe repeated over pretraining seeds, and one table of its spread.
+
+For each pretraining seed: pretrain the built-in backbone (the pretrain stage's `run`), train
+every compared method on it (slq and `methods.compare`, through `train_method`, as the `train` and
+`methods` stages do) and score each on the world's plain and knowledge test splits
+(`evaluate_checkpoint`, as the `methods` stage). Seeds run side by side, one process each, with
+torch threads = cores // jobs.
+
+Cached: a finished seed's result is one JSON file, `<root>/<recipe key>/seed_<k>/result.json`,
+where the key hashes every param that changes a result (not paths, not the seed), so a rerun with
+more seeds runs only the new ones, and a changed recipe gets a folder of its own. Inside a seed's
+folder the backbone and each method's scores are kept as they finish, so a seed that crashed
+resumes where it stopped. Every file is written whole or not at all (temp file, then rename).
+
+`aggregate` is a pure function of the per-seed results: for every method, split and metric the
+mean, the standard deviation and a 95% Student-t interval over seeds (n - 1 degrees of freedom),
+and the PAIRED differences SLQ minus each baseline, seed by seed, with their mean and interval.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from collections.abc import Callable
+
+from slq.config import Config
+from slq.io import write_json_atomic, write_text_atomic
+
+SPLITS = ("world", "world_knowledge")  # the methods stage's default benchmarks: plain and knowledge-aware
+METRICS = ("t2i_R@1", "i2t_R@1")
+BASELINE = "slq"  # paired differences: this method minus each other one
+RESULT = "result.json"
+
+
+class StudyError(ValueError):
+    """Results that cannot be aggregated as asked (a method, split or metric missing in a seed)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the recipe and its key
+
+
+def all_methods(cfg: Config) -> list[str]:
+    """SLQ and every method it is compared with, in the pipeline's order."""
+    return [BASELINE, *[m for m in cfg.methods.compare if m != BASELINE]]
+
+
+def recipe(cfg: Config) -> dict:
+    """Every setting that changes a seed's result: the data, the pretraining recipe (not its seed),
+    the model's precision and pixel budget, the prompts, the training budget, each method's
+    settings and the evaluation split and ks. Paths to outputs, worker counts and logging are not
+    in it; the seed is kept apart."""
+    from slq.stages.train import RESULT_NEUTRAL, data_hash
+
+    drop = lambda d, keys: {k: v for k, v in d.items() if k not in keys}
+    manifest = cfg.path(cfg.data.root) / cfg.data.manifest
+    return {
+        "data": asdict(cfg.data) | {"manifest_sha256": data_hash(cfg) if manifest.is_file() else None},
+        "pretrain": drop(asdict(cfg.pretrain), ("out", "metrics", "history", "log_every", "seed")),
+        "backbone": {k: getattr(cfg.backbone, k) for k in ("dtype", "min_pixels", "max_pixels")},
+        "prompts": asdict(cfg.prompts),
+        "train": drop(asdict(cfg.train), (*RESULT_NEUTRAL, "method")),
+        "methods": {k: getattr(cfg.methods, k) for k in ("lr", "pooling", "prompts")},
+        "evaluate": {"split": cfg.evaluate.split, "ks": list(cfg.evaluate.ks)},
+    }
+
+
+def recipe_key(rec: dict) -> str:
+    return hashlib.sha256(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+# one seed, for real
+
+
+@dataclass
+class SeedJob:
+    """What one seed's runner does and where: `dir` holds everything it writes."""
+
+    seed: int
+    dir: Path
+    methods: list[str]
+    splits: list[str]
+    captions: int = 0  # test images greedily captioned with the backbone (0: none)
+
+
+def seed_config(cfg: Config, seed: int, seed_dir: Path) -> Config:
+    """`cfg` with the pretraining seed set and every output of the seed under `seed_dir`."""
+    c = copy.deepcopy(cfg)
+    d = Path(seed_dir).resolve()
+    c.pretrain.seed = seed
+    c.pretrain.out = c.backbone.path = str(d / "backbone")
+    c.backbone.builtin = True
+    c.pretrain.metrics, c.pretrain.history = str(d / "pretrain.json"), str(d / "pretrain_history.csv")
+    c.train.work_dir = str(d / "work")
+    c.methods.out, c.methods.metrics = str(d / "checkpoints"), str(d / "train_metrics")
+    c.evaluate.cache_dir = str(d / "embed_cache")
+    c.register.track_stages = False  # many processes, one sqlite store: the study's record is its own files
+    return c
+
+
+def run_seed(cfg: Config, job: SeedJob, on_event: Callable | None = None) -> dict:
+    """Pretrain seed `job.seed`'s backbone, train and score every method on it: {"scores": {method:
+    {split: metrics}}, "budget": {method: ...}, "pretrain": ..., "machine": ...}. A backbone or a
+    method's scores already in the seed's folder (same recipe: the folder is keyed by it) are
+    reused. `on_event(kind, detail)` hears ("pretrain", None), ("train", (method, step)),
+    ("evaluate", method) and ("method", method) when one is done."""
+    emit = on_event or (lambda kind, detail: None)
+    c = seed_config(cfg, job.seed, job.dir)
+    if not (c.path(c.data.root) / c.data.manifest).is_file():
+        raise FileNotFoundError(f"no world data at {c.data.root}: run `dvc repro data` (or `slq stage validate`) first")
+    emit("pretrain", None)
+    pre = pretrained(c)
+    caps = caption_accuracy(Path(c.pretrain.out), c, job.captions) if job.captions else {}
+    scores, budget = {}, {}
+    for method in job.methods:
+        got = method_scores(c, method, job, emit)
+        scores[method], budget[method] = got["scores"], got["budget"]
+        emit("method", method)
+    return {"scores": scores, "budget": budget, "pretrain": pre, "captions": caps, "machine": machine()}
+
+
+def pretrained(cfg: Config) -> dict:
+    """The seed's backbone: pretrained by the pretrain stage, or the one already in its folder."""
+    from slq.stages import pretrain
+
+    out = cfg.path(cfg.pretrain.out)
+    saved = out / "pretrain.json"  # written last, after the model folder: its presence means finished
+    if (out / "config.json").is_file() and saved.is_file():
+        s = json.loads(saved.read_text())
+        want = {k: v for k, v in asdict(cfg.pretrain).items() if k not in ("out", "metrics", "history")}
+        if all(s["config"].get(k) == v for k, v in want.items()):
+            timed = cfg.path(cfg.pretrain.metrics)  # the stage's metrics, with its wall time
+            m = json.loads(timed.read_text()) if timed.is_file() else s["metrics"]
+            return _pretrain_summary(m) | {"reused": True}
+    return _pretrain_summary(pretrain.run(cfg)) | {"reused": False}
+
+
+def _pretrain_summary(m: dict) -> dict:
+    return {k: m.get(k) for k in ("loss_first10", "loss_last10", "fact_accuracy", "wall_time_s", "steps", "params")}
+
+
+BUDGET_KEYS = ("lr", "steps", "loss_first10", "loss_last10", "final_loss", "trainable_params", "step_time_mean",
+               "wall_time_s", "peak_memory_gib", "threads", "checkpoint_hash")
+
+
+def method_scores(cfg: Config, method: str, job: SeedJob, emit: Callable) -> dict:
+    """Train `method` on the seed's backbone with `train`'s budget and score it on `job.splits`;
+    kept in `<seed>/scores/<method>.json`, reused while it has every split."""
+    from slq.stages.methods import evaluate_checkpoint
+    from slq.stages.train import train_method
+
+    path = Path(job.dir) / "scores" / f"{method}.json"
+    if path.is_file():
+        kept = json.loads(path.read_text())
+        if all(s in kept["scores"] for s in job.splits):
+            return kept
+    lr = cfg.train.lr if method == BASELINE else cfg.methods.lr.get(method)
+    lr = cfg.train.lr if lr is None else float(lr)
+    ckpt = cfg.path(cfg.methods.out) / method
+    budget = train_method(cfg, method, ckpt, lr=lr, metrics_path=cfg.path(cfg.methods.metrics) / f"{method}.json",
+                          on_step=lambda rec: emit("train", (method, rec["step"])), progress=False)
+    emit("evaluate", method)
+    got = {"scores": evaluate_checkpoint(cfg, ckpt, job.splits),
+           "budget": {k: budget.get(k) for k in BUDGET_KEYS} | {"lr": lr}}
+    write_json_atomic(path, got)
+    return got
+
+
+def caption_accuracy(backbone_dir: Path, cfg: Config, n: int) -> dict:
+    """Greedy captions of the first `n` test scenes: the share of objects whose colour, shape,
+    and "colour shape" words appear in the caption (a backbone's generative skill, to set beside
+    its retrieval numbers)."""
+    from PIL import Image
+
+    from slq.data.world import load_manifest, load_scenes
+    from slq.pretrain import describe_image, load_generative
+
+    root = cfg.path(cfg.data.root)
+    first = {}
+    for r in load_manifest(root, cfg.data.manifest):
+        if r["split"] == cfg.evaluate.split:
+            first.setdefault(r["image_id"], r)
+    scenes = load_scenes(root)
+    backbone = load_generative(backbone_dir)
+    hits = {"colour": 0, "shape": 0, "colour_shape": 0}
+    objects = 0
+    for image_id in sorted(first)[:n]:
+        with Image.open(root / first[image_id]["image"]) as im:
+            text = describe_image(backbone, im.convert("RGB"))
+        for _size, colour, shape, _pos in scenes[image_id]:
+            objects += 1
+            hits["colour"] += colour in text
+            hits["shape"] += shape in text
+            hits["colour_shape"] += f"{colour} {shape}" in text
+    return {k: v / max(objects, 1) for k, v in hits.items()} | {"objects": objects}
+
+
+def machine() -> dict:
+    """What the numbers were measured on (backbones differ between machines: issue 17)."""
+    import os
+    import platform
+
+    import torch
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in _read("/proc/cpuinfo").splitlines()
+                if ln.startswith("model name")), platform.processor())
+    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# many seeds: cache, processes, progress
+
+
+@dataclass
+class Study:
+    """A study's outcome: every requested seed's result that exists, and what happened to each."""
+
+    key: str
+    dir: Path
+    recipe: dict
+    results: list[dict]  # sorted by seed
+    ran: list[int] = field(default_factory=list)
+    cached: list[int] = field(default_factory=list)
+    failed: dict = field(default_factory=dict)  # seed -> "error (log: path)"
+    wall_s: float = 0.0
+
+
+def load_result(path: Path, methods, splits) -> dict | None:
+    """A finished seed's result when it covers every method and split asked for, else None."""
+    if not path.is_file():
+        return None
+    res = json.loads(path.read_text())
+    ok = all(s in res.get("scores", {}).get(m, {}) for m in methods for s in splits)
+    return res if ok else None
+
+
+def resolve_jobs(cfg: Config, jobs: int | None, n_seeds: int) -> int:
+    """Seeds at once: `jobs`, or one per CPU core on a CPU machine and 1 on a GPU; never more than
+    the seeds to run."""
+    from slq.stages.methods import _uses_gpu, cpu_count
+
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise ValueError(f"--jobs: {jobs!r} is not a whole number >= 1")
+    if jobs is None:
+        jobs = 1 if _uses_gpu(cfg) else cpu_count()
+    return max(1, min(jobs, n_seeds))
+
+
+def run_study(cfg: Config, seeds, root: str | Path, *, methods=None, splits=SPLITS, jobs: int | None = None,
+              captions: int = 0, runner: Callable | None = None, progress: bool = True) -> Study:
+    """Run every seed in `seeds` whose result is not yet under `root/<recipe key>/`, `jobs` at a
+    time; returns the study with every result that exists. A failed seed writes no result (the
+    others go on); `Study.failed` says which and where its log is. `runner(cfg, job, on_event)`
+    does one seed (default `run_seed`; tests pass a cheap one)."""
+    seeds = sorted({int(s) for s in seeds})
+    if not seeds:
+        raise ValueError("no seeds to study")
+    methods = list(methods or all_methods(cfg))
+    splits = list(splits)
+    runner = runner or run_seed
+    rec = recipe(cfg)
+    key = recipe_key(rec)
+    sdir = Path(cfg.path(root)) / key
+    write_json_atomic(sdir / "recipe.json", rec)
+    jobs_of = {s: SeedJob(s, sdir / f"seed_{s}", methods, splits, captions) for s in seeds}
+    cached = [s for s in seeds if load_result(jobs_of[s].dir / RESULT, methods, splits) is not None]
+    todo = [s for s in seeds if s not in cached]
+    t0 = time.perf_counter()
+    failed = {}
+    if todo:
+        n_jobs = resolve_jobs(cfg, jobs, len(todo))
+        bars = SeedBars(todo, methods, cfg.train.steps, show=progress)
+        print(f"study {key}: seeds {_list(todo)} to run ({n_jobs} at a time)"
+              + (f", {_list(cached)} cached" if cached else "") + f"; in {sdir}", file=sys.stderr, flush=True)
+        try:
+            if n_jobs == 1:
+                for s in todo:
+                    try:
+                        run_one(runner, cfg, jobs_of[s], lambda kind, detail, s=s: bars.event(s, kind, detail))
+                    except Exception as e:  # the next seeds still run; this one left no result
+                        import traceback
+
+                        traceback.print_exc()
+                        failed[s] = f"{type(e).__name__}: {e}"
+                    bars.event(s, "failed" if s in failed else "done", None)
+            else:
+                failed = _run_parallel(runner, cfg, [jobs_of[s] for s in todo], n_jobs, bars)
+        finally:
+            bars.close()
+    results = [r for s in seeds if (r := load_result(jobs_of[s].dir / RESULT, methods, splits)) is not None]
+    return Study(key, sdir, rec, results, ran=[s for s in todo if s not in failed], cached=cached,
+                 failed=failed, wall_s=time.perf_counter() - t0)
+
+
+def run_one(runner: Callable, cfg: Config, job: SeedJob, on_event: Callable | None = None) -> dict:
+    """One seed: run it, then write its result file atomically (a crash leaves none)."""
+    from slq.stages.register import git_commit
+
+    t0 = time.perf_counter()
+    res = runner(cfg, job, on_event)
+    # the code is not in the recipe key (a comment would void every seed): each result names its commit
+    res = {"seed": job.seed, **res, "wall_s": time.perf_counter() - t0, "git_commit": git_commit(cfg.root)}
+    write_json_atomic(Path(job.dir) / RESULT, res)
+    return res
+
+
+def _seed_worker(runner, cfg: Config, job: SeedJob, threads: int, queue) -> None:
+    """A spawned process: one seed, its output in `<seed>/log.txt`."""
+    import os
+
+    log = Path(job.dir) / "log.txt"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", buffering=1) as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        sys.stdout = sys.stderr = f
+        import torch
+
+        torch.set_num_threads(threads)
+        print(f"seed {job.seed}: {threads} thread(s), pid {os.getpid()}", flush=True)
+        try:
+            run_one(runner, cfg, job, lambda kind, detail: queue.put((job.seed, kind, detail)))
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()  # into the log; the parent names the log
+            raise
+        finally:
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+
+
+def _run_parallel(runner, cfg: Config, jobs: list[SeedJob], n_jobs: int, bars: SeedBars) -> dict:
+    """Seeds side by side, one spawned process each, torch threads = cores // processes."""
+    import multiprocessing as mp
+    import queue as queue_mod
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from slq.stages.methods import _worker_init, cpu_count
+
+    threads = max(1, cpu_count() // n_jobs)
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+    manager = ctx.Manager()
+    events = manager.Queue()
+    failed = {}
+
+    def drain():
+        while True:
+            try:
+                bars.event(*events.get_nowait())
+            except queue_mod.Empty:
+                return
+
+    try:
+        with ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
+            pending = {pool.submit(_seed_worker, runner, cfg, j, threads, events): j for j in jobs}
+            while pending:
+                done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                drain()
+                for fut in done:
+                    j = pending.pop(fut)
+                    try:
+                        fut.result()
+                    except Exception as e:  # the other seeds go on
+                        failed[j.seed] = f"{type(e).__name__}: {e} (log: {Path(j.dir) / 'log.txt'})"
+                    bars.event(j.seed, "failed" if j.seed in failed else "done", None)
+    finally:
+        drain()
+        manager.shutdown()
+    return failed
+
+
+class SeedBars:
+    """One progress bar per seed: pretraining, then each method (training steps, evaluation)."""
+
+    def __init__(self, seeds, methods, steps: int, show: bool = True):
+        from slq.progress import bar
+
+        self.steps = steps
+        self.bars = {s: bar(len(methods) + 1, f"seed {s}", show, unit="stage", position=i, leave=True)
+                     for i, s in enumerate(seeds)}
+        for s in self.bars:
+            self._say(s, "waiting")
+
+    def event(self, seed: int, kind: str, detail) -> None:
+        """("pretrain", None), ("train", (method, step)), ("evaluate", method), ("method", method),
+        ("done", None) or ("failed", None) from seed `seed`."""
+        b = self.bars.get(seed)
+        if b is None:
+            return
+        if kind in ("train", "evaluate", "method") and b.n == 0:
+            b.update(1)  # a method started: pretraining is over
+        if kind == "method":
+            b.update(1)
+        text = {"pretrain": "pretrain", "evaluate": f"{detail} evaluate", "method": f"{detail} done",
+                "done": "done", "failed": "FAILED"}.get(kind)
+        if kind == "train":
+            text = f"{detail[0]} step {detail[1]}/{self.steps}"
+        if text:
+            self._say(seed, text)
+
+    def _say(self, seed: int, text: str) -> None:
+        b = self.bars[seed]
+        getattr(b, "set_postfix_str", b.set_postfix)(text)
+
+    def close(self) -> None:
+        for b in self.bars.values():
+            b.close()
+
+
+def _list(seeds) -> str:
+    return ", ".join(str(s) for s in seeds) or "none"
+
+
+# ---------------------------------------------------------------------------------------------
+# aggregation: a pure function of the per-seed results
+
+
+def t_quantile(n: int, confidence: float = 0.95) -> float:
+    """The two-sided Student-t critical value for a mean of n values (n - 1 degrees of freedom)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + confidence / 2, n - 1))
+
+
+def describe(values, confidence: float = 0.95) -> dict:
+    """Mean, sample standard deviation and Student-t interval of `values`; with one value there is
+    no spread and no interval (None, with a note saying why)."""
+    xs = [float(v) for v in values]
+    n = len(xs)
+    if n == 0:
+        raise StudyError("no values to describe")
+    mean = sum(xs) / n
+    if n == 1:
+        return {"n": 1, "mean": mean, "sd": None, "ci_low": None, "ci_high": None,
+                "note": "n=1: no spread or interval (needs 2+ seeds)"}
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    half = t_quantile(n, confidence) * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half, "note": None}
+
+
+def aggregate(results: list[dict], methods=None, splits=SPLITS, metrics=METRICS, baseline: str = BASELINE,
+              confidence: float = 0.95, allow_missing: bool = False) -> dict:
+    """Spread over seeds of each (method, split, metric), and the paired differences `baseline`
+    minus each other method seed by seed. `results`: [{"seed": k, "scores": {method: {split:
+    {metric: value}}}}, ...]. A value missing in some seed is an error (StudyError, naming it),
+    or with `allow_missing` that seed is left out of that row (and of its pairs), and each row
+    lists the seeds it used."""
+    if not results:
+        raise StudyError("no seed results to aggregate")
+    seeds = [r["seed"] for r in results]
+    if len(set(seeds)) != len(seeds):
+        raise StudyError(f"a seed appears twice in the results: {seeds}")
+    methods = list(methods or results[0]["scores"])
+    splits, metrics = list(splits), list(metrics)
+
+    def value(r, m, s, k):
+        v = r.get("scores", {}).get(m, {}).get(s, {}).get(k)
+        if v is None and not allow_missing:
+            raise StudyError(f"seed {r['seed']} has no {m} {s} {k}: rerun that seed, or aggregate with "
+                             "allow_missing (that seed then leaves the rows that need it)")
+        return v
+
+    table = {(m, s, k): {r["seed"]: value(r, m, s, k) for r in results}
+             for m in methods for s in splits for k in metrics}
+    summary, paired, per_seed = [], [], []
+    for (m, s, k), by_seed in table.items():
+        got = {seed: v for seed, v in by_seed.items() if v is not None}
+        if not got:
+            raise StudyError(f"no seed has {m} {s} {k}")
+        summary.append({"method": m, "split": s, "metric": k, "seeds": list(got)} | describe(got.values(), confidence))
+        per_seed += [{"seed": seed, "method": m, "split": s, "metric": k, "value": v} for seed, v in by_seed.items()]
+    if baseline in methods:
+        for m in (m for m in methods if m != baseline):
+            for s in splits:
+                for k in metrics:
+                    a, b = table[(baseline, s, k)], table[(m, s, k)]
+                    diff = {seed: a[seed] - b[seed] for seed in seeds if a[seed] is not None and b[seed] is not None}
+                    if not diff:
+                        raise StudyError(f"no seed has both {baseline} and {m} {s} {k}")
+                    paired.append({"method": f"{baseline} - {m}", "baseline": m, "split": s, "metric": k,
+                                   "seeds": list(diff), "values": list(diff.values())}
+                                  | describe(diff.values(), confidence))
+    return {"n": len(results), "seeds": seeds, "methods": methods, "splits": splits, "metrics": metrics,
+            "baseline": baseline, "confidence": confidence, "interval": "Student t, n - 1 degrees of freedom",
+            "summary": summary, "paired": paired, "per_seed": per_seed}
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+
+def _col(split: str, metric: str) -> str:
+    return f"{split} {metric.replace('_', ' ')}"
+
+
+def _cell(row: dict, signed: bool = False) -> str:
+    f = (lambda x: f"{x:+.3f}") if signed else (lambda x: f"{x:.3f}")
+    if row["sd"] is None:
+        return f"{f(row['mean'])} (n=1, no interval)"
+    mark = " *" if signed and (row["ci_low"] > 0 or row["ci_high"] < 0) else ""
+    sd = "" if signed else f" ± {row['sd']:.3f}"
+    return f"{f(row['mean'])}{sd} [{f(row['ci_low'])}, {f(row['ci_high'])}]{mark}"
+
+
+def tables(agg: dict, results: list[dict] | None = None) -> list[tuple[str, list[str], list[dict]]]:
+    """The study's tables as (title, columns, rows of strings): the spread over seeds, the paired
+    differences, the per-seed values and (when the results have them) each seed's backbone."""
+    cols = [_col(s, k) for s in agg["splits"] for k in agg["metrics"]]
+    pct = round(agg["confidence"] * 100)
+    out = []
+    rows = {}
+    for r in agg["summary"]:
+        rows.setdefault(r["method"], {"method": r["method"]})[_col(r["split"], r["metric"])] = _cell(r)
+    seeds = f"{agg['n']} seed{'s' * (agg['n'] != 1)}"
+    out.append((f"Over {seeds}: mean ± sd [{pct}% interval]", ["method", *cols], list(rows.values())))
+    rows = {}
+    for r in agg["paired"]:
+        rows.setdefault(r["method"], {"difference": r["method"]})[_col(r["split"], r["metric"])] = _cell(r, signed=True)
+    if rows:
+        out.append((f"Paired, per seed: {agg['baseline']} minus each method, mean [{pct}% interval] "
+                    "(* : the interval excludes 0)", ["difference", *cols], list(rows.values())))
+    rows = {}
+    order = {m: i for i, m in enumerate(agg["methods"])}
+    for r in sorted(agg["per_seed"], key=lambda r: (r["seed"], order[r["method"]])):
+        row = rows.setdefault((r["seed"], r["method"]), {"seed": str(r["seed"]), "method": r["method"]})
+        row[_col(r["split"], r["metric"])] = "-" if r["value"] is None else f"{r['value']:.3f}"
+    out.append(("Per seed", ["seed", "method", *cols], list(rows.values())))
+    pre = [r for r in results or [] if r.get("pretrain")]
+    if pre:
+        f = lambda x, nd=3: "-" if x is None else f"{x:.{nd}f}"
+        rows = [{"seed": str(r["seed"]), "pretrain loss (last 10)": f(r["pretrain"].get("loss_last10")),
+                 "facts known": f(r["pretrain"].get("fact_accuracy"), 2),
+                 "caption colour / shape": (f"{f(r['captions'].get('colour'), 2)} / {f(r['captions'].get('shape'), 2)}"
+                                            if r.get("captions") else "-"),
+                 "pretrain s": f(r["pretrain"].get("wall_time_s"), 0), "seed wall s": f(r.get("wall_s"), 0)}
+                for r in pre]
+        out.append(("Backbones", list(rows[0]), rows))
+    return out
+
+
+def markdown(agg: dict, results: list[dict] | None = None, header: dict | None = None) -> str:
+    """The study as markdown: a header (recipe key, seeds, machine), then `tables`."""
+    lines = [f"# Seed study: {agg['n']} pretraining seed{'s' * (agg['n'] != 1)}", ""]
+    for k, v in (header or {}).items():
+        lines.append(f"- {k}: {v}")
+    lines.append(f"- interval: {round(agg['confidence'] * 100)}%, {agg['interval']}")
+    for title, cols, rows in tables(agg, results):
+        lines += ["", f"## {title}", "", "| " + " | ".join(cols) + " |",
+                  "|" + "|".join("---" if c in ("method", "difference", "seed") else "---:" for c in cols) + "|"]
+        lines += ["| " + " | ".join(r.get(c, "") for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(study: Study, agg: dict, md_path: Path, json_path: Path, header: dict | None = None) -> str:
+    """The table (markdown) and the numbers (JSON), at the given paths and in the study's folder."""
+    md = markdown(agg, study.results, header)
+    doc = {"recipe_key": study.key, "recipe": study.recipe, "header": header or {}, **agg,
+           "results": study.results}
+    for p in (md_path, study.dir / "study.md"):
+        write_text_atomic(p, md)
+    for p in (json_path, study.dir / "study.json"):
+        write_json_atomic(p, doc)
+    return md

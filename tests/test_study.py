@@ -1,0 +1,301 @@
+"""The seed study (slq.study, `slq study seeds`): its statistics on hand-made numbers, its cache,
+and the command, with the per-seed runner replaced by a cheap fake (no model is trained here)."""
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+from slq import study
+from slq.config import load_config
+
+# two-sided 95% Student-t critical values, n - 1 degrees of freedom (tables; scipy checks them below)
+T95 = {2: 12.706204736174698, 3: 4.302652729749464, 5: 2.7764451051977934}
+BASE = {"slq": 0.30, "zero_shot": 0.001, "lora": 0.20, "full": 0.25}
+SPLITS = ("world", "world_knowledge")
+CALLS = []
+
+
+def fake_scores(seed: int, methods=tuple(BASE)) -> dict:
+    """Made-up but seed-dependent numbers: method m, seed k -> BASE[m] + 0.01 k^2 (+ 0.005 k for slq)."""
+    return {m: {s: {"t2i_R@1": BASE[m] + 0.01 * seed ** 2 + (0.005 * seed if m == "slq" else 0.0) - 0.1 * i,
+                    "i2t_R@1": BASE[m] + 0.02 * seed}
+                for i, s in enumerate(SPLITS)} for m in methods}
+
+
+def fake_runner(cfg, job, on_event=None):
+    """Stands in for study.run_seed: records the seed and returns scores for every method asked."""
+    CALLS.append(job.seed)
+    if on_event:
+        on_event("pretrain", None)
+        for m in job.methods:
+            on_event("train", (m, cfg.train.steps))
+            on_event("evaluate", m)
+            on_event("method", m)
+    if job.seed in getattr(cfg, "_crash_seeds", ()):
+        raise RuntimeError(f"seed {job.seed} crashed")
+    scores = {m: {s: v for s, v in fake_scores(job.seed)[m].items() if s in job.splits} for m in job.methods}
+    return {"scores": scores, "pretrain": {"loss_last10": 1.0 + job.seed / 10, "fact_accuracy": 0.9,
+                                           "wall_time_s": 1.0}}
+
+
+def results(seeds, methods=tuple(BASE)) -> list[dict]:
+    return [{"seed": s, "scores": fake_scores(s, methods)} for s in seeds]
+
+
+def row(agg, key, method, split="world", metric="t2i_R@1") -> dict:
+    return next(r for r in agg[key] if r["method"] == method and r["split"] == split and r["metric"] == metric)
+
+
+# ---- statistics -----------------------------------------------------------------------------
+
+def test_t_quantiles_match_the_table_and_scipy():
+    from scipy import stats
+
+    for n, t in T95.items():
+        assert study.t_quantile(n) == pytest.approx(t, rel=1e-9)
+        assert stats.t.ppf(0.975, n - 1) == pytest.approx(t, rel=1e-9)
+
+
+@pytest.mark.parametrize("xs", [[0.3, 0.5], [0.1, 0.2, 0.6], [0.31, 0.28, 0.45, 0.22, 0.36]])
+def test_describe_by_hand(xs):
+    n = len(xs)
+    mean = sum(xs) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    half = T95[n] * sd / math.sqrt(n)
+    d = study.describe(xs)
+    assert d["n"] == n and d["note"] is None
+    assert d["mean"] == pytest.approx(mean) and d["sd"] == pytest.approx(statistics.stdev(xs))
+    assert (d["ci_low"], d["ci_high"]) == pytest.approx((mean - half, mean + half))
+
+
+def test_describe_n2_worked_example():
+    # [0.3, 0.5]: mean 0.4, sd sqrt(0.02) = 0.1414, half-width 12.706 x 0.1414 / sqrt 2 = 1.2706
+    d = study.describe([0.3, 0.5])
+    assert d["sd"] == pytest.approx(0.14142135623730953)
+    assert (d["ci_low"], d["ci_high"]) == pytest.approx((0.4 - 1.2706204736174698, 0.4 + 1.2706204736174698))
+
+
+def test_describe_one_value_has_no_interval_and_says_so():
+    d = study.describe([0.42])
+    assert d["mean"] == 0.42 and d["sd"] is None and d["ci_low"] is None and d["ci_high"] is None
+    assert "n=1" in d["note"]
+    with pytest.raises(study.StudyError):
+        study.describe([])
+
+
+def test_aggregate_means_intervals_and_paired_differences():
+    seeds = [0, 1, 2, 3, 4]
+    agg = study.aggregate(results(seeds), splits=SPLITS)
+    assert agg["n"] == 5 and agg["seeds"] == seeds and agg["baseline"] == "slq"
+    # spread over seeds, checked against scipy's interval
+    from scipy import stats
+
+    lora = [fake_scores(s)["lora"]["world"]["t2i_R@1"] for s in seeds]
+    r = row(agg, "summary", "lora")
+    lo, hi = stats.t.interval(0.95, df=4, loc=statistics.mean(lora), scale=stats.sem(lora))
+    assert r["mean"] == pytest.approx(statistics.mean(lora)) and r["sd"] == pytest.approx(statistics.stdev(lora))
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((lo, hi))
+    # paired: the per-seed differences slq - lora = 0.1 + 0.005 k, whose sd is small although each
+    # method's own spread (0.01 k^2) is large: the pairing removes the shared seed effect
+    p = row(agg, "paired", "slq - lora")
+    diffs = [0.1 + 0.005 * s for s in seeds]
+    assert p["baseline"] == "lora" and p["seeds"] == seeds and p["values"] == pytest.approx(diffs)
+    assert p["mean"] == pytest.approx(0.11) and p["sd"] == pytest.approx(statistics.stdev(diffs))
+    half = T95[5] * statistics.stdev(diffs) / math.sqrt(5)
+    assert (p["ci_low"], p["ci_high"]) == pytest.approx((0.11 - half, 0.11 + half))
+    assert p["ci_high"] - p["ci_low"] < r["ci_high"] - r["ci_low"]
+    # every (method, split, metric) once; three baselines; one value per seed per row
+    assert len(agg["summary"]) == 4 * 2 * 2 and len(agg["paired"]) == 3 * 2 * 2
+    assert {q["method"] for q in agg["paired"]} == {"slq - zero_shot", "slq - lora", "slq - full"}
+    assert len(agg["per_seed"]) == 5 * 4 * 2 * 2
+    json.dumps(agg)  # JSON as it is
+
+
+def test_aggregate_one_seed_reports_no_interval():
+    agg = study.aggregate(results([3]), splits=SPLITS)
+    assert all(r["sd"] is None and r["ci_low"] is None and "n=1" in r["note"] for r in agg["summary"] + agg["paired"])
+    md = study.markdown(agg)
+    assert "n=1, no interval" in md and "# Seed study: 1 pretraining seed\n" in md
+
+
+def test_aggregate_missing_method_is_an_error_or_left_out():
+    res = results([0, 1, 2])
+    del res[1]["scores"]["lora"]
+    with pytest.raises(study.StudyError, match="seed 1 has no lora world t2i_R@1"):
+        study.aggregate(res, methods=list(BASE), splits=SPLITS)
+    agg = study.aggregate(res, methods=list(BASE), splits=SPLITS, allow_missing=True)
+    r = row(agg, "summary", "lora")
+    assert r["n"] == 2 and r["seeds"] == [0, 2]
+    assert row(agg, "summary", "slq")["n"] == 3
+    p = row(agg, "paired", "slq - lora")
+    assert p["seeds"] == [0, 2] and p["n"] == 2
+    assert "| 1 | lora | - |" in study.markdown(agg)
+
+
+def test_aggregate_rejects_duplicates_and_nothing():
+    with pytest.raises(study.StudyError, match="twice"):
+        study.aggregate(results([0, 0]), splits=SPLITS)
+    with pytest.raises(study.StudyError, match="no seed results"):
+        study.aggregate([], splits=SPLITS)
+
+
+def test_markdown_table_layout():
+    agg = study.aggregate(results([0, 1, 2]), splits=SPLITS)
+    md = study.markdown(agg, header={"recipe key": "abc"})
+    assert "- recipe key: abc" in md and "Student t, n - 1 degrees of freedom" in md
+    assert "| method | world t2i R@1 | world i2t R@1 | world_knowledge t2i R@1 | world_knowledge i2t R@1 |" in md
+    slq = row(agg, "summary", "slq")
+    assert f"| slq | {slq['mean']:.3f} ± {slq['sd']:.3f} [{slq['ci_low']:.3f}, {slq['ci_high']:.3f}] |" in md
+    assert "| slq - lora | +0." in md and "## Per seed" in md and "| 2 | full |" in md
+
+
+# ---- the cache ------------------------------------------------------------------------------
+
+@pytest.fixture
+def cfg(tmp_path):
+    CALLS.clear()
+    return load_config(None, {"root": str(tmp_path), "train.steps": 7})
+
+
+def test_rerun_with_more_seeds_runs_only_the_new_ones(cfg, tmp_path):
+    first = study.run_study(cfg, range(3), "studies", jobs=1, runner=fake_runner, progress=False)
+    assert CALLS == [0, 1, 2] and first.ran == [0, 1, 2] and first.cached == []
+    CALLS.clear()
+    second = study.run_study(cfg, range(5), "studies", jobs=1, runner=fake_runner, progress=False)
+    assert CALLS == [3, 4] and second.cached == [0, 1, 2] and second.ran == [3, 4]
+    assert [r["seed"] for r in second.results] == [0, 1, 2, 3, 4] and second.key == first.key
+    res = json.loads((tmp_path / "studies" / first.key / "seed_4" / study.RESULT).read_text())
+    assert res["seed"] == 4 and res["scores"]["slq"]["world"]["t2i_R@1"] == pytest.approx(0.30 + 0.16 + 0.02)
+    assert json.loads((tmp_path / "studies" / first.key / "recipe.json").read_text())["train"]["steps"] == 7
+
+
+def test_changed_recipe_reruns_a_path_does_not(cfg):
+    a = study.run_study(cfg, range(2), "studies", jobs=1, runner=fake_runner, progress=False)
+    CALLS.clear()
+    cfg.train.out = "elsewhere/slq"  # where outputs go: not the recipe
+    cfg.pretrain.seed = 99  # the study sets each seed itself
+    assert study.run_study(cfg, range(2), "studies", jobs=1, runner=fake_runner, progress=False).key == a.key
+    assert CALLS == []
+    cfg.pretrain.steps = 1800
+    b = study.run_study(cfg, range(2), "studies", jobs=1, runner=fake_runner, progress=False)
+    assert b.key != a.key and CALLS == [0, 1]
+    CALLS.clear()
+    cfg.methods.lr = dict(cfg.methods.lr, lora=0.01)
+    assert study.run_study(cfg, [0], "studies", jobs=1, runner=fake_runner, progress=False).key not in (a.key, b.key)
+    assert CALLS == [0]
+
+
+def test_crashed_seed_leaves_no_result_and_reruns(cfg, tmp_path):
+    cfg._crash_seeds = (1,)
+    s = study.run_study(cfg, range(3), "studies", jobs=1, runner=fake_runner, progress=False)
+    assert list(s.failed) == [1] and "seed 1 crashed" in s.failed[1]
+    assert s.ran == [0, 2] and [r["seed"] for r in s.results] == [0, 2]
+    seed_dir = tmp_path / "studies" / s.key / "seed_1"
+    assert not (seed_dir / study.RESULT).exists()
+    assert not [p for p in (tmp_path / "studies").rglob("*") if p.name.endswith(".tmp")]  # no half-written file
+    CALLS.clear()
+    cfg._crash_seeds = ()
+    again = study.run_study(cfg, range(3), "studies", jobs=1, runner=fake_runner, progress=False)
+    assert CALLS == [1] and not again.failed and len(again.results) == 3
+
+
+def test_a_kill_while_writing_keeps_the_old_result(cfg, tmp_path, monkeypatch):
+    study.run_study(cfg, [0], "studies", jobs=1, runner=fake_runner, progress=False)
+    path = next((tmp_path / "studies").rglob(study.RESULT))
+    before = path.read_text()
+    import slq.io
+
+    def dies(f, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(slq.io.os, "replace", dies)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_one(fake_runner, cfg, study.SeedJob(0, path.parent, list(BASE), list(SPLITS)))
+    assert path.read_text() == before and [p.name for p in path.parent.iterdir()] == [study.RESULT]
+
+
+def test_a_seed_without_a_newly_asked_method_reruns(cfg):
+    study.run_study(cfg, range(2), "studies", methods=["slq", "lora"], jobs=1, runner=fake_runner, progress=False)
+    CALLS.clear()
+    s = study.run_study(cfg, range(2), "studies", jobs=1, runner=fake_runner, progress=False)
+    assert CALLS == [0, 1] and set(s.results[0]["scores"]) == set(BASE)
+
+
+def test_seed_config_puts_everything_under_the_seed_folder(cfg, tmp_path):
+    c = study.seed_config(cfg, 3, tmp_path / "s")
+    assert c.pretrain.seed == 3 and c.backbone.builtin and c.backbone.path == c.pretrain.out
+    for p in (c.pretrain.out, c.pretrain.metrics, c.pretrain.history, c.train.work_dir, c.methods.out,
+              c.methods.metrics, c.evaluate.cache_dir):
+        assert Path(p).is_relative_to(tmp_path / "s")
+    assert not c.register.track_stages
+    assert cfg.pretrain.seed == 0 and cfg.pretrain.out == "models/tiny-qwen3-vl"  # the study's config untouched
+
+
+def test_jobs():
+    cfg = load_config(None, {"backbone.device": "cpu"})
+    from slq.stages.methods import cpu_count
+
+    assert study.resolve_jobs(cfg, None, 10) == cpu_count()
+    assert study.resolve_jobs(cfg, 4, 2) == 2 and study.resolve_jobs(cfg, 1, 5) == 1
+    with pytest.raises(ValueError):
+        study.resolve_jobs(cfg, 0, 3)
+
+
+def test_side_by_side_in_processes(cfg, tmp_path):
+    """Seeds at once, each in its own (spawned) process with its own log; one crash spoils no other."""
+    cfg._crash_seeds = (2,)
+    s = study.run_study(cfg, range(3), "studies", jobs=2, runner=fake_runner, progress=False)
+    assert s.ran == [0, 1] and list(s.failed) == [2] and "log.txt" in s.failed[2]
+    assert [r["seed"] for r in s.results] == [0, 1]
+    assert s.results[1]["scores"] == fake_scores(1)  # floats come back from JSON exactly
+    logs = tmp_path / "studies" / s.key
+    assert "1 thread(s)" in (logs / "seed_0" / "log.txt").read_text()
+    assert "seed 2 crashed" in (logs / "seed_2" / "log.txt").read_text()
+    assert not (logs / "seed_2" / study.RESULT).exists()
+
+
+# ---- the command ----------------------------------------------------------------------------
+
+def test_cli_study_seeds(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import cli
+
+    monkeypatch.setattr(study, "run_seed", fake_runner)
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  steps: 7\n")
+    CALLS.clear()
+    runner = CliRunner()
+    out = ["--root", "st", "--report", "r/study.md", "--json-out", "m/study.json", "-p", str(params)]
+    r = runner.invoke(cli.app, ["study", "seeds", "--n", "3", "--jobs", "1", *out])
+    assert r.exit_code == 0, r.output
+    assert CALLS == [0, 1, 2]
+    md = (tmp_path / "r" / "study.md").read_text()
+    print(md)
+    doc = json.loads((tmp_path / "m" / "study.json").read_text())
+    assert doc["n"] == 3 and doc["seeds"] == [0, 1, 2] and doc["metrics"] == ["t2i_R@1", "i2t_R@1"]
+    slq = row(doc, "summary", "slq")
+    vals = [fake_scores(s)["slq"]["world"]["t2i_R@1"] for s in range(3)]
+    assert slq["mean"] == pytest.approx(statistics.mean(vals)) and slq["sd"] == pytest.approx(statistics.stdev(vals))
+    assert f"| slq | {slq['mean']:.3f} ± {slq['sd']:.3f}" in md and "| slq - full |" in md
+    assert "## Backbones" in md and "ran 3 seed(s), reused 0" in md
+    assert len(doc["results"]) == 3 and doc["recipe_key"] == doc["header"]["recipe key"].split()[0]
+    assert (tmp_path / "st" / doc["recipe_key"] / "study.md").read_text() == md
+    assert "Over 3 seeds" in r.output  # the rich table
+    # more seeds: only the new ones run; --seeds as a list, a --set override is a new recipe
+    CALLS.clear()
+    r = runner.invoke(cli.app, ["study", "seeds", "--seeds", "0", "1", "2", "3", "--jobs", "1", *out])
+    assert r.exit_code == 0, r.output
+    assert CALLS == [3] and json.loads((tmp_path / "m" / "study.json").read_text())["seeds"] == [0, 1, 2, 3]
+    CALLS.clear()
+    r = runner.invoke(cli.app, ["study", "seeds", "--n", "2", "--jobs", "1", "--set", "train.steps=9", "--json", *out])
+    assert r.exit_code == 0, r.output
+    assert CALLS == [0, 1] and json.loads(r.stdout)["recipe_key"] != doc["recipe_key"]
+    # a user error is one line
+    r = runner.invoke(cli.app, ["study", "seeds", "--n", "2", "--seeds", "1", *out])
+    assert r.exit_code == 1 and "not both" in r.output
+    r = runner.invoke(cli.app, ["study", "seeds", "--n", "2", "--method", "nope", *out])
+    assert r.exit_code == 1 and "nope" in r.output
