@@ -60,9 +60,12 @@ def recipe(cfg: Config) -> dict:
 
     drop = lambda d, keys: {k: v for k, v in d.items() if k not in keys}
     manifest = cfg.path(cfg.data.root) / cfg.data.manifest
+    pre = drop(asdict(cfg.pretrain), ("out", "metrics", "history", "log_every", "seed", "lm_source", "gguf"))
+    if pre["lm"] == "tiny":  # the default LM adds nothing: keys made before pretrain.lm existed stay valid
+        del pre["lm"]
     return {
         "data": asdict(cfg.data) | {"manifest_sha256": data_hash(cfg) if manifest.is_file() else None},
-        "pretrain": drop(asdict(cfg.pretrain), ("out", "metrics", "history", "log_every", "seed")),
+        "pretrain": pre,
         "backbone": {k: getattr(cfg.backbone, k) for k in ("dtype", "min_pixels", "max_pixels")},
         "prompts": asdict(cfg.prompts),
         "train": drop(asdict(cfg.train), (*RESULT_NEUTRAL, "method")),

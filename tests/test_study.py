@@ -188,6 +188,18 @@ def test_changed_recipe_reruns_a_path_does_not(cfg):
     assert CALLS == [0]
 
 
+def test_the_lm_choice_is_in_the_key_its_source_and_the_default_are_not(cfg):
+    """A real LM is another recipe; where its wheel or GGUF lies is not; and the default tiny LM
+    leaves the key as it was before pretrain.lm existed (finished seeds stay valid)."""
+    base = study.recipe(cfg)
+    assert "lm" not in base["pretrain"] and "gguf" not in base["pretrain"]
+    key = study.recipe_key(base)
+    cfg.pretrain.lm_source, cfg.pretrain.gguf = "/wheels", "elsewhere/lm.gguf"
+    assert study.recipe_key(study.recipe(cfg)) == key
+    cfg.pretrain.lm = "smollm2"
+    assert study.recipe_key(study.recipe(cfg)) != key
+
+
 def test_crashed_seed_leaves_no_result_and_reruns(cfg, tmp_path):
     cfg._crash_seeds = (1,)
     s = study.run_study(cfg, range(3), "studies", jobs=1, runner=fake_runner, progress=False)
