@@ -874,7 +874,8 @@ def study_seeds(
         _fail("no seed finished:\n" + "\n".join(f"  seed {s}: {e}" for s, e in res.failed.items()))
     agg = study.aggregate(res.results, methods, metrics=metric or study.METRICS)
     machines = sorted({json.dumps(r["machine"], sort_keys=True) for r in res.results if r.get("machine")})
-    header = {"recipe key": f"{res.key} ({res.dir})", "seeds": ", ".join(map(str, agg["seeds"])),
+    where = os.path.relpath(res.dir, cfg.path(".")) if Path(res.dir).is_absolute() else res.dir
+    header = {"recipe key": f"{res.key} ({where})", "seeds": ", ".join(map(str, agg["seeds"])),
               "methods": ", ".join(methods), "overrides": ", ".join(set_ or []) or "none",
               "machine": "; ".join(_machine_line(json.loads(m)) for m in machines) or "not recorded",
               "code": ", ".join(sorted({str(r.get("git_commit", "unknown"))[:12] for r in res.results})),
