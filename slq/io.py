@@ -22,19 +22,26 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+def write_file_atomic(path: str | Path, write_fn) -> Path:
+    """Call write_fn(f) on an open binary file beside `path`, then rename it into place (0644);
+    on any error the temporary file is removed and `path` is as it was. For data too large to
+    hold in memory (a copy streamed from an archive)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write_fn(f)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    return write_file_atomic(path, lambda f: f.write(data))
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

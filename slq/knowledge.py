@@ -21,6 +21,7 @@ The fact counts as known when the expected answer ranks first on the calibrated 
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Iterable, Sequence
 
@@ -139,3 +140,70 @@ def check_unseen(cues: dict[tuple[str, str], list[str]] | Iterable[str], texts: 
             if pat.search(low):
                 raise ValueError(f"cue {cue!r} is stated in training text #{i}: {text[:120]!r}; "
                                  "drop the cue or the text")
+
+
+# --- the everyday-knowledge split (issue 17, item 2) --------------------------------------------
+
+PHRASES = {  # how a query names an answer through a cue
+    "colour": "the colour of {cue}",
+    "shape": "shaped like {cue}",
+    "count": "as many shapes as there are {cue}",
+}
+
+
+def load_known(path) -> dict[tuple[str, str], list[str]]:
+    """The known cues of a probe report (what `probe` rows say, as the pretrain stage writes them:
+    {"rows": [...]}); a missing or malformed file is an error naming it and what makes it."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"knowledge probe report not found: {path} (the pretrain stage writes it for a "
+                                "real LM: pretrain.knowledge; or run bench/probe_lm_knowledge.py --out)")
+    try:
+        rows = json.loads(path.read_text())["rows"]
+        need = {"kind", "cue", "expected", "known"}
+        bad = next((r for r in rows if not need <= set(r)), None)
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path}: not a knowledge probe report (a JSON object with 'rows')") from None
+    if bad is not None:
+        raise ValueError(f"{path}: a row lacks {sorted(need - set(bad))}: {bad}")
+    return known_cues(rows)
+
+
+def everyday_caption(scene, known: dict[tuple[str, str], list[str]], rng: random.Random) -> str | None:
+    """The scene named through everyday knowledge only: each object's colour and shape by a cue the
+    LM knows ("a large thing shaped like a wheel, the colour of snow, on the left"), the count too
+    when one of its cues is known. Size and place stay in plain words. None when an object's colour
+    or shape has no known cue (the scene cannot be asked about without naming it)."""
+    from slq.data.world import COUNT_WORDS, POSITIONS, _join
+
+    objects = list(scene)
+    if any(("colour", o[1]) not in known or ("shape", o[2]) not in known for o in objects):
+        return None
+    rng.shuffle(objects)
+    parts = [f"a {size} thing {PHRASES['shape'].format(cue=rng.choice(known[('shape', shape)]))}, "
+             f"{PHRASES['colour'].format(cue=rng.choice(known[('colour', colour)]))}, {POSITIONS[pos][1]}"
+             for size, colour, shape, pos in objects]
+    count = known.get(("count", COUNT_WORDS[len(objects)]))
+    head = f"{PHRASES['count'].format(cue=rng.choice(count))}: " if count else ""
+    return head + _join(parts)
+
+
+def recipe_texts(mix: dict, n_scenes: int = 300, seed: int = 0) -> list[str]:
+    """Every text a pretraining recipe with task shares `mix` trains on, for `n_scenes` scenes:
+    each task with a share above 0, on every scene (prompts, answers, chat turns, plain text).
+    What `check_unseen` is run against: the templates are the world's, so a few hundred scenes
+    cover every word the recipe can write."""
+    from slq.pretrain import make_example, pretraining_scenes
+
+    rng = random.Random(seed)
+    out = []
+    for i, scene in enumerate(pretraining_scenes(n_scenes, seed, set())):
+        for kind, share in sorted(mix.items()):
+            if share > 0:
+                ex = make_example(kind, scene, i, rng)
+                out += [ex[k] for k in ("text", "prompt", "answer") if k in ex]
+                out += [t for turn in ex.get("turns", ()) for t in turn]
+    return out

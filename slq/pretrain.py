@@ -256,6 +256,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, *, exclude: set = frozenset(),
 
     from slq.io import write_atomic_dir
 
+    precision = step_precision(cfg)  # a bad setting fails before any work
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     scenes = pretraining_scenes(cfg.n_scenes, cfg.seed, set(exclude))
@@ -264,6 +265,8 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, *, exclude: set = frozenset(),
     init_dir = out_dir.with_name(f".{out_dir.name}.init")
     build_model(cfg, corpus_text(scenes, cfg.seed) if cfg.lm == "tiny" else (), init_dir, root)
     model, processor = load_generative(init_dir)
+    if cfg.attn_implementation:
+        model.set_attn_implementation(cfg.attn_implementation)
     batcher = Batcher(processor, images)
     kinds, weights = zip(*sorted(cfg.mix.items()))
     model.train()
@@ -281,7 +284,8 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, *, exclude: set = frozenset(),
             kind = rng.choices(kinds, weights)[0]
             batch.append({**make_example(kind, scenes[i], i, rng), "kind": kind})
         ts = time.perf_counter()
-        loss = _step_loss(model, batcher, batch, head_on_answers=cfg.lm != "tiny")
+        with precision:
+            loss = _step_loss(model, batcher, batch, head_on_answers=cfg.lm != "tiny")
         if not torch.isfinite(loss):
             raise FloatingPointError(f"pretraining loss is {loss.item()} at step {step}; lower pretrain.lr")
         opt.zero_grad(set_to_none=True)
@@ -308,6 +312,22 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, *, exclude: set = frozenset(),
 
     shutil.rmtree(init_dir, ignore_errors=True)
     return PretrainResult(history, wall, sum(p.numel() for p in model.parameters()), out_dir)
+
+
+AUTOCAST = (None, "bfloat16")
+
+
+def step_precision(cfg: PretrainConfig):
+    """The context each step's forward runs in: bf16 autocast (`pretrain.autocast: bfloat16`; the
+    weights, their gradients and the optimiser stay fp32, so the saved model's frozen LM is exactly
+    the one loaded), or nothing."""
+    import contextlib
+
+    import torch
+
+    if cfg.autocast not in AUTOCAST:
+        raise ValueError(f"pretrain.autocast {cfg.autocast!r}: use null (fp32) or bfloat16")
+    return torch.autocast("cpu", dtype=torch.bfloat16) if cfg.autocast else contextlib.nullcontext()
 
 
 def is_vision_encoder(name: str) -> bool:

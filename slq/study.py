@@ -51,6 +51,10 @@ def all_methods(cfg: Config) -> list[str]:
     return [BASELINE, *[m for m in cfg.methods.compare if m != BASELINE]]
 
 
+LATER_DEFAULTS = {"lm": "tiny", "autocast": None, "attn_implementation": None}  # pretrain settings added after
+                                                                                # the first seeds were run
+
+
 def recipe(cfg: Config) -> dict:
     """Every setting that changes a seed's result: the data, the pretraining recipe (not its seed),
     the model's precision and pixel budget, the prompts, the training budget, each method's
@@ -60,9 +64,11 @@ def recipe(cfg: Config) -> dict:
 
     drop = lambda d, keys: {k: v for k, v in d.items() if k not in keys}
     manifest = cfg.path(cfg.data.root) / cfg.data.manifest
-    pre = drop(asdict(cfg.pretrain), ("out", "metrics", "history", "log_every", "seed", "lm_source", "gguf"))
-    if pre["lm"] == "tiny":  # the default LM adds nothing: keys made before pretrain.lm existed stay valid
-        del pre["lm"]
+    pre = drop(asdict(cfg.pretrain), ("out", "metrics", "history", "log_every", "seed", "lm_source", "gguf",
+                                      "knowledge"))
+    for key, default in LATER_DEFAULTS.items():  # at their defaults, settings added later add nothing:
+        if key in pre and pre[key] == default:    # keys made before they existed stay valid
+            del pre[key]
     return {
         "data": asdict(cfg.data) | {"manifest_sha256": data_hash(cfg) if manifest.is_file() else None},
         "pretrain": pre,
@@ -256,12 +262,12 @@ def load_result(path: Path, methods, splits) -> dict | None:
 def resolve_jobs(cfg: Config, jobs: int | None, n_seeds: int) -> int:
     """Seeds at once: `jobs`, or one per CPU core on a CPU machine and 1 on a GPU; never more than
     the seeds to run."""
-    from slq.stages.methods import _uses_gpu, cpu_count
+    from slq.stages.methods import cpu_count, uses_gpu
 
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
         raise ValueError(f"--jobs: {jobs!r} is not a whole number >= 1")
     if jobs is None:
-        jobs = 1 if _uses_gpu(cfg) else cpu_count()
+        jobs = 1 if uses_gpu(cfg) else cpu_count()
     return max(1, min(jobs, n_seeds))
 
 
@@ -325,27 +331,10 @@ def run_one(runner: Callable, cfg: Config, job: SeedJob, on_event: Callable | No
 
 def _seed_worker(runner, cfg: Config, job: SeedJob, threads: int, queue) -> None:
     """A spawned process: one seed, its output in `<seed>/log.txt`."""
-    import os
+    from slq.stages.methods import worker_output
 
-    log = Path(job.dir) / "log.txt"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a", buffering=1) as f:
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
-        sys.stdout = sys.stderr = f
-        import torch
-
-        torch.set_num_threads(threads)
-        print(f"seed {job.seed}: {threads} thread(s), pid {os.getpid()}", flush=True)
-        try:
-            run_one(runner, cfg, job, lambda kind, detail: queue.put((job.seed, kind, detail)))
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()  # into the log; the parent names the log
-            raise
-        finally:
-            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    with worker_output(Path(job.dir) / "log.txt", "a", threads, f"seed {job.seed}"):
+        run_one(runner, cfg, job, lambda kind, detail: queue.put((job.seed, kind, detail)))
 
 
 def _run_parallel(runner, cfg: Config, jobs: list[SeedJob], n_jobs: int, bars: SeedBars) -> dict:
@@ -354,7 +343,7 @@ def _run_parallel(runner, cfg: Config, jobs: list[SeedJob], n_jobs: int, bars: S
     import queue as queue_mod
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    from slq.stages.methods import _worker_init, cpu_count
+    from slq.stages.methods import cpu_count, worker_init
 
     threads = max(1, cpu_count() // n_jobs)
     ctx = mp.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
@@ -370,7 +359,7 @@ def _run_parallel(runner, cfg: Config, jobs: list[SeedJob], n_jobs: int, bars: S
                 return
 
     try:
-        with ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
+        with ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=worker_init, initargs=(threads,)) as pool:
             pending = {pool.submit(_seed_worker, runner, cfg, j, threads, events): j for j in jobs}
             while pending:
                 done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)

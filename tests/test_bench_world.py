@@ -107,3 +107,83 @@ def test_world_knowledge_runs_as_image_text(world):
     res = get_benchmark("world_knowledge")(root=world, split="test").evaluate(Same(), ks=(1,))
     assert res.metrics["t2i_R@1"] == 1.0 and res.metrics["i2t_R@1"] == 1.0
     assert "(" in res.info["example"] and res.info["captions_per_image"] == 1
+
+
+# --- world_everyday: the scene named through the LM's own knowledge (issue 17) -------------------
+
+PROBE = Path(__file__).resolve().parents[1] / "bench" / "results" / "lm_knowledge_smollm2.json"
+
+
+def _report(tmp_path, known: dict, unknown: dict | None = None) -> Path:
+    """A probe report: `known` {(kind, answer): [cues]} marked known, `unknown` likewise not."""
+    import json
+
+    rows = [{"kind": k, "expected": a, "cue": c, "known": True} for (k, a), cs in known.items() for c in cs]
+    rows += [{"kind": k, "expected": a, "cue": c, "known": False} for (k, a), cs in (unknown or {}).items() for c in cs]
+    path = tmp_path / "probe.json"
+    path.write_text(json.dumps({"rows": rows}))
+    return path
+
+
+def test_world_everyday_names_each_scene_only_through_known_cues(world, tmp_path):
+    from slq import knowledge
+
+    known = {("colour", c): [f"thing number {i}"] for i, c in enumerate(sorted(COLOURS)) if c != "red"}
+    known |= {("shape", "circle"): ["a wheel", "a ring"], ("shape", "square"): ["a chessboard tile"],
+              ("shape", "cross"): ["a plus sign"], ("count", "two"): ["eyes on a face"]}
+    unknown = {("colour", "red"): ["a ripe tomato"], ("shape", "star"): ["a sheriff's badge"],
+               ("count", "one"): ["noses on a face"]}
+    bench = get_benchmark("world_everyday")(root=world, split="test", cues=str(_report(tmp_path, known, unknown)))
+    pairs = bench.load(tmp_path)
+    scenes = load_scenes(world)
+    by_path = {f"images/test/{i}.png": s for i, s in scenes.items()}
+    askable = [i for i, s in scenes.items() if i.startswith("test-")
+               and all(o[1] != "red" and o[2] in ("circle", "square", "cross") for o in s)]
+    assert 0 < len(pairs.images) == len(askable) < 12 and pairs.info["n_split_images"] == 12
+    literal = set(SHAPES) | set(COLOURS) | set(COUNT_WORDS.values())
+    for img, cap in zip(pairs.images, pairs.captions):
+        scene = by_path[str(Path(img).relative_to(world))]
+        assert not set(re.findall(r"[a-z]+", cap)) & literal, cap  # no answer is named
+        assert "tomato" not in cap and "badge" not in cap and "noses" not in cap  # no unknown cue is used
+        assert cap.startswith("as many shapes as there are eyes on a face: ") == (len(scene) == 2)
+        for size, colour, shape, pos in scene:  # every object is there, through one of its known cues
+            assert any(f"a {size} thing shaped like {s}, the colour of {c}" in cap
+                       for s in known[("shape", shape)] for c in known[("colour", colour)]), (cap, scene)
+    assert pairs.captions == get_benchmark("world_everyday")(root=world, split="test", cues=str(
+        _report(tmp_path, known, unknown))).load(tmp_path).captions  # seeded: the same split every time
+    assert knowledge.everyday_caption([("small", "red", "circle", "left")], known, random.Random(0)) is None
+
+
+def test_world_everyday_refuses_a_cue_a_training_caption_states(world, tmp_path):
+    from slq.benchmarks.base import DataError, MissingData
+
+    train_caption = next(r["caption"] for r in load_manifest(world) if r["split"] == "train")
+    stated = " ".join(train_caption.split()[1:3])  # e.g. "small red" from "a small red circle ..."
+    cues = _report(tmp_path, {("colour", c): ["snow"] for c in COLOURS} | {("shape", s): [stated] for s in SHAPES})
+    with pytest.raises(DataError, match=re.escape(repr(stated)) + ".*training caption"):
+        get_benchmark("world_everyday")(root=world, split="test", cues=str(cues)).load(tmp_path)
+    with pytest.raises(MissingData, match="needs `cues`"):
+        get_benchmark("world_everyday")(root=world, split="test").load(tmp_path)
+    with pytest.raises(MissingData, match="probe report not found"):
+        get_benchmark("world_everyday")(root=world, split="test", cues=str(tmp_path / "none.json")).load(tmp_path)
+
+
+def test_the_committed_smollm2_probe_gives_a_split_free_of_answer_words(world, tmp_path):
+    """With SmolLM2's measured knowledge: the split is built only from cues the probe marked known,
+    none stated in the real-LM recipe's pretraining text or the world's training captions."""
+    import json
+
+    from slq import knowledge
+
+    rows = json.loads(PROBE.read_text())["rows"]
+    known = knowledge.load_known(PROBE)
+    assert {c for cs in known.values() for c in cs} == {r["cue"] for r in rows if r["known"]}
+    knowledge.check_unseen(known, knowledge.recipe_texts({"caption": 0.5, "qa_image": 0.5}))
+    knowledge.check_unseen(known, [r["caption"] for r in load_manifest(world)])
+    pairs = get_benchmark("world_everyday")(root=world, split="test", cues=str(PROBE)).load(tmp_path)
+    used = {c for cap in pairs.captions for cs in known.values() for c in cs if c in cap}
+    assert used and used <= {r["cue"] for r in rows if r["known"]}
+    known_text = " | ".join(c for cs in known.values() for c in cs)
+    for r in rows:  # an unknown cue never appears (unless it is part of a known one's words)
+        if not r["known"] and r["cue"] not in known_text:
+            assert not any(r["cue"] in cap for cap in pairs.captions), r["cue"]

@@ -338,3 +338,80 @@ def test_pretraining_around_the_lm_keeps_it_frozen(tiny, tmp_path, monkeypatch):
     inputs = batcher([make_example("qa_image", s, i, random.Random(i)) for i, s in enumerate(scenes)])
     with torch.no_grad():
         torch.testing.assert_close(answer_loss(model, dict(inputs)), model(**inputs).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_pretraining_trains_the_vision_side_and_keeps_the_lm_exact(tiny, tmp_path, monkeypatch):
+    """The real-LM recipe's speed settings (bf16 autocast, eager attention, the tower trained too):
+    the saved LM is bit-for-bit the one loaded (the weights stay fp32; only the arithmetic is bf16),
+    the vision tower and projector change, the loss is finite and falls from its start."""
+    import torch
+    import transformers as tf
+
+    from slq.backbones import gguf as g
+    from slq.config import PretrainConfig
+    from slq.pretrain import is_language_model, pretrain
+
+    _, _, _, wheel = tiny
+    monkeypatch.setattr(g, "SMOLLM2_WHEEL_SHA256", _sha(wheel))
+    cfg = PretrainConfig(lm="smollm2", lm_source=str(wheel), gguf="lm/small.gguf", vision_dim=32, vision_depth=2,
+                         image_pixels=48, n_scenes=60, steps=6, batch_size=8, lr=1e-2, warmup_steps=0,
+                         vision_lr_scale=1.0, mix={"caption": 0.5, "qa_image": 0.5}, log_every=10_000,
+                         autocast="bfloat16", attn_implementation="eager")
+    res = pretrain(cfg, tmp_path / "bb", root=tmp_path)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res.history)
+    start = tmp_path / "start"
+    g.build_llava_on_lm(tmp_path / "lm" / "small.gguf", start, vision_hidden=32, vision_layers=2, image_size=48,
+                        seed=cfg.seed)
+    a = tf.AutoModelForImageTextToText.from_pretrained(str(start)).state_dict()
+    b = tf.AutoModelForImageTextToText.from_pretrained(str(tmp_path / "bb")).state_dict()
+    assert all(b[k].dtype == torch.float32 for k in b)
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert not any(is_language_model(k) for k in changed)
+    assert any("vision_tower" in k for k in changed) and any("multi_modal_projector" in k for k in changed)
+
+
+def test_a_bad_autocast_setting_fails_before_any_work(tmp_path):
+    from slq.config import PretrainConfig
+    from slq.pretrain import pretrain
+
+    with pytest.raises(ValueError, match="pretrain.autocast 'float16'.*bfloat16"):
+        pretrain(PretrainConfig(autocast="float16"), tmp_path / "bb", root=tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_stage_probes_the_lm_and_refuses_a_recipe_that_states_a_known_cue(llava_dir, tmp_path, monkeypatch):
+    """The pretrain stage's knowledge report (pretrain.knowledge): the probe's rows and known cues,
+    checked against the recipe's pretraining text and the world's training captions. A recipe whose
+    text states a known cue (the default world's fact sentences say "white is the colour of snow")
+    is refused, naming the cue, and no report is written."""
+    import json
+
+    from slq import knowledge
+    from slq.config import load_config
+    from slq.data.world import generate_world
+    from slq.stages.pretrain import probe_knowledge
+
+    cfg = load_config(None, {"data.root": str(tmp_path / "world"), "pretrain.knowledge": "rep/k.json",
+                             "pretrain.lm": "smollm2", "pretrain.mix": {"caption": 0.5, "qa_image": 0.5}})
+    cfg.root = str(tmp_path)
+    generate_world(cfg.data.__class__(n_train=20, n_val=2, n_test=4), tmp_path / "world")
+    seen = []
+
+    def fake_probe(model, tok, cues=None, calibrate=True):
+        seen.append(type(model).__name__)
+        return [{"kind": k, "cue": c, "expected": a, "known": c in ("snow", "a wheel"), "best": a, "margin": 1.0}
+                for k, a, c in knowledge.all_cues()]
+
+    monkeypatch.setattr(knowledge, "probe", fake_probe)
+    summary = probe_knowledge(cfg, llava_dir)
+    assert seen == ["LlavaForConditionalGeneration"]  # the backbone's own LM
+    report = json.loads((tmp_path / "rep" / "k.json").read_text())
+    assert report["known"] == {"colour:white": ["snow"], "shape:circle": ["a wheel"]}
+    assert summary["cues_known"] == 2 and summary["checked_texts"]["train_captions"] == 40
+    assert knowledge.load_known(tmp_path / "rep" / "k.json") == {("colour", "white"): ["snow"],
+                                                                  ("shape", "circle"): ["a wheel"]}
+    (tmp_path / "rep" / "k.json").unlink()
+    cfg.pretrain.mix = {"caption": 0.5, "facts": 0.5}
+    with pytest.raises(ValueError, match="cue 'snow' is stated in training text"):
+        probe_knowledge(cfg, llava_dir)
+    assert not (tmp_path / "rep" / "k.json").exists()

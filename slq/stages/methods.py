@@ -64,7 +64,7 @@ def resolve_workers(cfg: Config, n_methods: int) -> int:
         raise ValueError(f"methods.workers: {w!r} is neither 'auto' nor a whole number >= 1 "
                          "(how many compared methods run at once)")
     if w == "auto":
-        w = 1 if _uses_gpu(cfg) else cpu_count()
+        w = 1 if uses_gpu(cfg) else cpu_count()
     return max(1, min(int(w), n_methods))
 
 
@@ -75,7 +75,8 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _uses_gpu(cfg: Config) -> bool:
+def uses_gpu(cfg: Config) -> bool:
+    """Whether the backbone runs on a CUDA GPU (device cuda*, or auto with one present)."""
     dev = str(cfg.backbone.device)
     if dev != "auto":
         return dev.startswith("cuda")
@@ -137,43 +138,50 @@ def log_path(cfg: Config, method: str) -> Path:
     return cfg.path("logs/methods") / f"{method}.log"
 
 
-def _worker_init(threads: int) -> None:
-    # before torch is imported in this fresh (spawned) process
+def worker_init(threads: int) -> None:
+    """A spawned worker's initializer: BLAS threads and no bars, before torch is imported."""
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     os.environ["TQDM_DISABLE"] = "1"  # the parent draws the bars
 
 
-def _worker(cfg: Config, method: str, threads: int, queue, workers: int) -> dict:
-    """A spawned process: train and score one method with its output in its log file."""
+@contextlib.contextmanager
+def worker_output(log: Path, mode: str, threads: int, label: str):
+    """In a spawned worker: stdout and stderr (the file descriptors and sys's streams) go to `log`
+    (opened with `mode`), torch runs `threads` threads, and an exception's traceback is written
+    there before it propagates (the parent names the log). Descriptors 1 and 2 stay on the log."""
     import sys
+    import traceback
 
-    log = log_path(cfg, method)
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w", buffering=1) as f:
+    with open(log, mode, buffering=1) as f:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
         sys.stdout = sys.stderr = f
         import torch
 
         torch.set_num_threads(threads)
-        print(f"method {method}: {threads} thread(s), pid {os.getpid()}", flush=True)
-
-        def on_event(kind, value):
-            queue.put((method, kind, value))
-            if kind == "evaluate" or (kind == "step" and value % 25 == 0):
-                print(f"method {method}: {kind}{'' if value is None else f' {value}'}", flush=True)
-
+        print(f"{label}: {threads} thread(s), pid {os.getpid()}", flush=True)
         try:
-            metrics = train_and_score(cfg, method, on_event=on_event, side_by_side=workers)
+            yield f
         except BaseException:
-            import traceback
-
-            traceback.print_exc()  # into the log; the parent reports the error with the log's path
+            traceback.print_exc()
             raise
         finally:
-            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__  # f closes; fds 1 and 2 stay on the log
-        print(json.dumps(metrics, indent=2, default=str), flush=True)
-        return metrics
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+
+
+def _worker(cfg: Config, method: str, threads: int, queue, workers: int) -> dict:
+    """A spawned process: train and score one method with its output in its log file."""
+
+    def on_event(kind, value):
+        queue.put((method, kind, value))
+        if kind == "evaluate" or (kind == "step" and value % 25 == 0):
+            print(f"method {method}: {kind}{'' if value is None else f' {value}'}", flush=True)
+
+    with worker_output(log_path(cfg, method), "w", threads, f"method {method}"):
+        metrics = train_and_score(cfg, method, on_event=on_event, side_by_side=workers)
+    print(json.dumps(metrics, indent=2, default=str), flush=True)
+    return metrics
 
 
 def _order(names: list[str]) -> list[str]:
@@ -214,7 +222,7 @@ def _run_parallel(cfg: Config, names: list[str], workers: int) -> dict:
                 bars[m].set_postfix_str("evaluate")
 
     try:
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=worker_init, initargs=(threads,)) as pool:
             pending = {pool.submit(_worker, cfg, m, threads, events, workers): m for m in _order(names)}
             while pending:
                 done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)

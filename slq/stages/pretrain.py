@@ -81,12 +81,43 @@ def run(cfg: Config) -> dict:
         "held_out_scenes": len(exclude),
         "sample": {"image_id": first["image_id"], "caption": first["caption"], "generated": sample},
     }
+    if p.lm != "tiny" and p.knowledge:
+        metrics["knowledge"] = probe_knowledge(cfg, out)
     # pretrain.json lives in the (DVC-cached) backbone folder: no timings there, they change on every run
     kept = {k: v for k, v in metrics.items() if k not in ("step_time_mean", "wall_time_s")}
     (out / "pretrain.json").write_text(json.dumps({"config": asdict(p), "metrics": kept}, indent=2) + "\n")
     write_json_atomic(cfg.path(p.metrics), metrics)
     write_csv_atomic(cfg.path(p.history), hist, HISTORY_FIELDS)
     return metrics
+
+
+def probe_knowledge(cfg: Config, backbone) -> dict:
+    """Probe the frozen LM of `backbone` for the everyday cues (slq.knowledge.probe), check that no
+    known cue is stated in the recipe's pretraining text or the world's training captions, and
+    write the report to `pretrain.knowledge` (the world_everyday benchmark reads it). -> a summary."""
+    import time
+
+    from slq import knowledge
+    from slq.backbones.gguf import load_lm_folder
+    from slq.data.world import load_manifest
+
+    t0 = time.perf_counter()
+    model, tok = load_lm_folder(backbone)
+    rows = knowledge.probe(model, tok)
+    known = knowledge.known_cues(rows)
+    recipe = knowledge.recipe_texts(cfg.pretrain.mix, seed=cfg.pretrain.seed)
+    train = [r["caption"] for r in load_manifest(cfg.path(cfg.data.root), cfg.data.manifest) if r.get("split") == "train"]
+    knowledge.check_unseen(known, recipe)  # raises, naming the cue and the text
+    knowledge.check_unseen(known, train)
+    summary = {"cues": len(rows), "cues_known": sum(r["known"] for r in rows), "answers_known": len(known),
+               "answers": sum(len(knowledge.answers(k)) for k in knowledge.QUESTIONS),
+               "checked_texts": {"pretraining": len(recipe), "train_captions": len(train)},
+               "probe_s": time.perf_counter() - t0}
+    report = {"source": str(cfg.pretrain.out), "rows": rows,
+              "known": {f"{k}:{a}": cs for (k, a), cs in known.items()}} | {k: v for k, v in summary.items()
+                                                                             if k != "probe_s"}
+    write_json_atomic(cfg.path(cfg.pretrain.knowledge), report)
+    return summary
 
 
 def _mean(xs) -> float:
