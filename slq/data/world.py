@@ -99,6 +99,11 @@ def load_manifest(root: Path, manifest: str = "manifest.jsonl") -> list[dict]:
     return rows
 
 
+def train_captions(root: Path, manifest: str = "manifest.jsonl") -> list[str]:
+    """Every training caption of the world at `root`: the text a knowledge split must not state."""
+    return [r["caption"] for r in load_manifest(root, manifest) if r.get("split") == "train"]
+
+
 def load_scenes(root: Path) -> dict[str, list[tuple]]:
     """image_id -> the scene's objects (size, colour, shape, position), from scenes.jsonl."""
     path = Path(root) / SCENES

@@ -184,6 +184,7 @@ def _train_method(cfg: Config, method: str, out: Path, data: list[dict], *, lr: 
             "loss_first10": _mean(h["loss"] for h in hist[:10]),
             "loss_last10": _mean(h["loss"] for h in hist[-10:]),
             "temperature": hist[-1]["temperature"] if hist else None,
+            "start_cosine": result.start_cosine if result else None,  # near 1: collapsed at the start
             "steps": result.steps if result else 0,
             "resumed_from": result.resumed_from if result else 0,
             "lr": lr if result else None,
