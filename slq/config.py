@@ -162,6 +162,8 @@ class MethodsConfig:
     prompts: dict = field(default_factory=lambda: {"zero_shot": "summarize", "lora": "pipeline", "full": "pipeline"})
     benchmarks: list[str] = field(default_factory=lambda: ["world", "world_knowledge"])
     report: str = "reports/methods.md"  # the comparison table (`slq readme` copies it into the README)
+    summary: str = "metrics/compare.json"  # the compare stage's DVC metrics: {method: {budget, <benchmark>: ...}}
+    html: str = "reports/report.html"  # the run on one page (compare stage): curves, comparison, validation
     readme: str | None = None  # a file whose slq:methods markers the stage fills; null: the pipeline writes no tracked file
     workers: int | str = "auto"  # methods run at once (processes): auto = one per CPU core; 1 on a GPU
 

@@ -114,7 +114,7 @@ def run_or_skip(name: str, cfg: Config, dvc: bool, log=print) -> dict:
 
 def stage_summary(name: str, cfg: Config) -> dict:
     """What a skipped stage last produced, from its own metrics or report file."""
-    path = {"evaluate": cfg.evaluate.metrics, "compare": "metrics/compare.json", "register": cfg.register.out,
+    path = {"evaluate": cfg.evaluate.metrics, "compare": cfg.methods.summary, "register": cfg.register.out,
             "train": cfg.train.metrics, "pretrain": cfg.pretrain.metrics}.get(name)
     return _read_json(cfg.path(path)) if path else {}
 

@@ -110,6 +110,16 @@ def test_comparison_table_states_what_the_numbers_say(tmp_path):
     assert "zero_shot is near chance on world" in text and "zero_shot keeps" not in text
     assert "| zero_shot | last_token | summarize | 0 |" in text and "| lora | last_token | pipeline | 9,000 |" in text
 
+    # a second knowledge split (world_everyday on a real LM): read the same way, apart from the first
+    for r, e in zip(rows.values(), (0.08, 0.0, 0.05, 0.3)):
+        r["benchmarks"]["world_everyday"] = {"t2i_R@1": e}
+    text2 = render(rows, ["world", "world_knowledge", "world_everyday"])
+    assert "**world_everyday**: best t2i R@1 is full (0.300)" in text2
+    assert "On world_everyday, SLQ beats lora (t2i R@1 0.080 vs 0.050)" in text2
+    assert "slq keeps 20% of its plain t2i R@1 on world_everyday (0.080 / 0.400)" in text2
+    assert "slq keeps 25% of its plain t2i R@1 on world_knowledge" in text2
+    assert text2.count("zero_shot is near chance on world") == 1 and "zero_shot keeps" not in text2
+
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{BEGIN}\nold\n{END}\nrest\n")
     assert update_readme(readme, text)
@@ -247,9 +257,54 @@ def test_compare_takes_slqs_scores_from_the_evaluate_stage_only_when_they_fit(tm
     metrics.write_text(json.dumps({"checkpoint_hash": checkpoint_hash(ckpt), "benchmarks": scores}))
     assert scores_from_evaluate(cfg, ckpt, ["world", "world_knowledge"]) == {k: scores[k] for k in
                                                                             ("world", "world_knowledge")}
-    assert scores_from_evaluate(cfg, ckpt, ["world_composed"]) is None  # scored on another split
+    # the comparison scores a benchmark with its evaluate entry's options (here: another split), so
+    # the evaluate stage's number is the one; a benchmark the evaluate stage did not run is not there
+    assert scores_from_evaluate(cfg, ckpt, ["world_composed"]) == {"world_composed": scores["world_composed"]}
+    assert scores_from_evaluate(cfg, ckpt, ["world", "world_i2i"]) is None
     metrics.write_text(json.dumps({"checkpoint_hash": "0" * 16, "benchmarks": scores}))
     assert scores_from_evaluate(cfg, ckpt, ["world"]) is None  # another checkpoint's numbers
+
+
+def test_backbone_note_names_what_the_lm_knows(tmp_path):
+    """Under the table: the tiny backbone's taught facts, or for a real LM the everyday cues its
+    own LM knows (the pretrain stage's knowledge probe) and that the world's facts were never taught."""
+    import json
+
+    from slq.config import Config
+    from slq.stages.compare import _backbone_note
+
+    cfg = Config(root=str(tmp_path))
+    cfg.pretrain.knowledge = "reports/lm_knowledge.json"
+    assert _backbone_note(cfg) == ""  # no pretrain stage ran
+    path = cfg.path(cfg.pretrain.metrics)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"fact_accuracy": 0.5, "fact_probe": {"n": 14}}))
+    assert "completes 50% of the world's fact sentences correctly (14 probes" in _backbone_note(cfg)
+    path.write_text(json.dumps({"fact_accuracy": 0.14, "fact_probe": {"n": 14},
+                                "knowledge": {"cues": 62, "cues_known": 23}}))
+    note = _backbone_note(cfg)
+    assert "knows 23 of 62 everyday cues" in note and cfg.pretrain.knowledge in note and "14%" in note
+
+
+def test_comparison_benchmarks_take_the_evaluate_entries_options(tmp_path):
+    """Every method is scored as the evaluate stage scores SLQ: world_everyday with its `cues` (a
+    path from the project folder), an entry's own split and label; a name with no entry runs on
+    evaluate.split with its defaults; a benchmark the comparison cannot run is refused by name."""
+    from slq.config import Config
+    from slq.stages.methods import comparison_benchmarks
+
+    cfg = Config(root=str(tmp_path))
+    cfg.evaluate.benchmarks = [{"name": "world", "label": "world_val", "split": "val"},
+                               {"name": "world_everyday", "split": "test", "cues": "reports/lm_knowledge.json"}]
+    got = {label: (name, opts) for label, name, opts in
+           comparison_benchmarks(cfg, ["world_val", "world_everyday", "world_knowledge"])}
+    world = str(tmp_path / cfg.data.root)
+    assert got["world_val"] == ("world", {"split": "val", "root": world})
+    assert got["world_everyday"] == ("world_everyday", {"split": "test", "root": world,
+                                                        "cues": str(tmp_path / "reports" / "lm_knowledge.json")})
+    assert got["world_knowledge"] == ("world_knowledge", {"split": cfg.evaluate.split, "root": world})
+    with pytest.raises(ValueError, match="methods.benchmarks: 'coco' is not one of"):
+        comparison_benchmarks(cfg, ["coco"])
 
 
 def test_methods_workers_is_one_per_core_on_cpu_one_on_gpu_and_checked(monkeypatch, tmp_path):

@@ -141,7 +141,7 @@ def test_the_compare_stage_writes_the_report(tmp_path):
         cfg.path(cfg.methods.metrics).joinpath(f"{m}.json").write_text(json.dumps(
             {"method": m, "budget": {**budget, "pooling": "last_token"}, "benchmarks": scores}))
     compare.run(cfg)
-    page = cfg.path(compare.REPORT_OUT).read_text()
+    page = cfg.path(cfg.methods.html).read_text()
     _offline(page)
     assert "| slq |" not in page and "<td>slq</td>" in page and "<td>lora</td>" in page  # the table, as HTML
     assert "t2i R@1 by method" in page and page.count("<svg") == 1  # the methods chart; no curves were made

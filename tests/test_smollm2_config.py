@@ -20,7 +20,7 @@ def _paths(cfg) -> dict:
     d = asdict(cfg)
     keys = {"pretrain": ("out", "metrics", "history", "knowledge"), "train": ("out", "work_dir", "metrics", "history"),
             "embed": ("out",), "evaluate": ("metrics", "plots", "report_dir", "cache_dir"),
-            "index": ("uri", "out", "metrics"), "methods": ("out", "metrics", "report"), "register": ("out",)}
+            "index": ("uri", "out", "metrics"), "methods": ("out", "metrics", "report", "summary", "html"), "register": ("out",)}
     return {f"{s}.{k}": cfg.path(d[s][k]) for s, ks in keys.items() for k in ks if d[s][k]}
 
 
@@ -46,7 +46,8 @@ def test_dvc_reads_both_pipelines_and_plain_repro_stays_the_default():
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     names = [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
-    assert names == [f"pipelines/smollm2/dvc.yaml:{s}" for s in ("gguf", "pretrain", "train", "embed", "evaluate")]
+    assert names == [f"pipelines/smollm2/dvc.yaml:{s}" for s in ("gguf", "pretrain", "train", "embed", "evaluate",
+                                                                           "methods", "compare")]
     stages = yaml.safe_load((PIPE / "dvc.yaml").read_text())["stages"]
     for name, st in stages.items():
         assert st["wdir"] == "../.."

@@ -2,11 +2,11 @@
 
 Reads the train stage's budget (metrics/train.json), scores SLQ's checkpoint on the comparison
 benchmarks (through the embedding cache the evaluate stage filled), reads each method's metrics,
-and writes the table as markdown (`methods.report`), as DVC metrics (`metrics/compare.json`) and
+and writes the table as markdown (`methods.report`), as DVC metrics (`methods.summary`, metrics/compare.json) and
 into the README between the `slq:methods` markers. The text under the table is generated from the
 numbers: which method leads where, and how much of its plain recall each keeps on the knowledge
 split; nothing in it is written by hand. Last, as the last stage that reports, it writes the run's
-whole report (`reports/report.html`, slq.report: losses, recall curves, this comparison, the data
+whole report (`methods.html`, reports/report.html; slq.report: losses, recall curves, this comparison, the data
 validation) as one page that needs no network.
 """
 
@@ -22,8 +22,6 @@ from slq.io import write_json_atomic, write_text_atomic
 BEGIN = "<!-- slq:methods:begin (written by the compare stage; do not edit) -->"
 END = "<!-- slq:methods:end -->"
 KS = ("R@1", "R@5", "R@10")
-METRICS_OUT = "metrics/compare.json"
-REPORT_OUT = "reports/report.html"
 
 
 def run(cfg: Config) -> dict:
@@ -50,19 +48,21 @@ def run(cfg: Config) -> dict:
     summary = {m: {"budget": {k: r["budget"].get(k) for k in ("trainable_params", "step_time_mean", "wall_time_s",
                                                                 "peak_memory_gib", "steps")},
                    **{b: r["benchmarks"].get(b, {}) for b in mc.benchmarks}} for m, r in rows.items()}
-    write_json_atomic(cfg.path(METRICS_OUT), summary)
+    write_json_atomic(cfg.path(mc.summary), summary)
     if mc.readme:
         update_readme(cfg.path(mc.readme), text)
     from slq.report import ReportInputs, write_report
 
-    write_report(cfg.path(REPORT_OUT), ReportInputs.from_config(cfg, compare_metrics=cfg.path(METRICS_OUT)))
+    write_report(cfg.path(mc.html), ReportInputs.from_config(cfg, compare_metrics=cfg.path(mc.summary)))
     return summary
 
 
 def scores_from_evaluate(cfg: Config, ckpt: Path, names) -> dict | None:
     """SLQ's scores on `names` as the evaluate stage wrote them (metrics/eval.json), or None when
-    that file is missing or is not for this checkpoint, split and these benchmarks with their
-    defaults; then the caller scores the checkpoint itself. Saves loading the model a second time."""
+    that file is missing or is not for this checkpoint, or lacks one of them; then the caller scores
+    the checkpoint itself. A comparison benchmark is scored with its `evaluate.benchmarks` entry's
+    options (`slq.stages.methods.comparison_benchmarks`), so the evaluate stage's number is the
+    same one. Saves loading the model a second time."""
     from slq.checkpoint import checkpoint_hash
 
     path = cfg.path(cfg.evaluate.metrics)
@@ -71,22 +71,11 @@ def scores_from_evaluate(cfg: Config, ckpt: Path, names) -> dict | None:
     ev = json.loads(path.read_text())
     if str(ev.get("checkpoint_hash")) != checkpoint_hash(ckpt):
         return None
-    plain = {}  # label -> name for benchmarks run with nothing but the defaults on evaluate.split
-    for entry in cfg.evaluate.benchmarks:
-        entry = dict(entry)
-        name = entry.pop("name")
-        label = entry.pop("label", name)
-        if entry.pop("split", cfg.evaluate.split) == cfg.evaluate.split and not {k: v for k, v in entry.items()
-                                                                              if v is not None}:
-            plain[label] = name
+    scored = {dict(e).get("label", e["name"]) for e in cfg.evaluate.benchmarks}
     got = ev.get("benchmarks") or {}
-    out = {}
-    for name in names:
-        label = next((lb for lb, n in plain.items() if n == name and lb in got), None)
-        if label is None:
-            return None
-        out[name] = got[label]
-    return out
+    if not all(n in scored and n in got for n in names):
+        return None
+    return {n: got[n] for n in names}
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -154,16 +143,20 @@ def _r1(r: dict, bench: str) -> float | None:
 
 
 def reading(rows: dict, benchmarks) -> list[str]:
-    """Plain statements read off the table (t2i R@1): leaders, SLQ against each, knowledge retention."""
+    """Plain statements read off the table (t2i R@1): the leader on every benchmark, then, on each
+    knowledge split (every benchmark after the first, plain one), SLQ against each method and how
+    much of its plain recall each method keeps there."""
     out = []
-    plain, know = (benchmarks[0], benchmarks[1]) if len(benchmarks) > 1 else (benchmarks[0], None)
-    for bench in [b for b in (plain, know) if b]:
+    plain, knows = benchmarks[0], list(benchmarks[1:])
+    for bench in [plain, *knows]:
         scored = {m: v for m, r in rows.items() if (v := _r1(r, bench)) is not None}
         if scored:
             best = max(scored, key=scored.get)
             out.append(f"- **{bench}**: best t2i R@1 is {best} ({scored[best]:.3f}); "
                        + ", ".join(f"{m} {v:.3f}" for m, v in scored.items() if m != best) + ".")
-    if "slq" in rows and know:
+    if "slq" not in rows or not knows:
+        return out
+    for know in knows:
         s_k = _r1(rows["slq"], know)
         for m in (m for m in rows if m in ("lora", "full", "zero_shot")):
             o_k = _r1(rows[m], know)
@@ -171,26 +164,38 @@ def reading(rows: dict, benchmarks) -> list[str]:
                 continue
             verdict = "beats" if s_k > o_k else ("ties" if s_k == o_k else "does not beat")
             out.append(f"- On {know}, SLQ {verdict} {m} (t2i R@1 {s_k:.3f} vs {o_k:.3f}).")
-        for m, r in rows.items():
-            p, k = _r1(r, plain), _r1(r, know)
-            if p is not None and p < MIN_R1_FOR_RETENTION:
-                out.append(f"- {m} is near chance on {plain} (t2i R@1 {p:.3f}): its retention is not meaningful.")
-            elif p and k is not None:
+    for m, r in rows.items():
+        p = _r1(r, plain)
+        if p is not None and p < MIN_R1_FOR_RETENTION:
+            out.append(f"- {m} is near chance on {plain} (t2i R@1 {p:.3f}): its retention is not meaningful.")
+            continue
+        for know in knows:
+            k = _r1(r, know)
+            if p and k is not None:
                 out.append(f"- {m} keeps {100 * k / p:.0f}% of its plain t2i R@1 on {know} ({k:.3f} / {p:.3f}).")
     return out
 
 
 def _backbone_note(cfg: Config) -> str:
-    """What the pretrained backbone itself knows (the pretrain stage's fact probe), when it ran."""
+    """What the pretrained backbone itself knows, when the pretrain stage ran: the world's taught
+    facts (its fact probe), and for a real LM the everyday cues its own LM knows (the knowledge probe)."""
     path = cfg.path(cfg.pretrain.metrics)
     if not path.is_file():
         return ""
     m = json.loads(path.read_text())
     if m.get("skipped") or "fact_accuracy" not in m:
         return ""
-    return (f"- The frozen backbone completes {m['fact_accuracy']:.0%} of the world's fact sentences correctly "
-            f"({m.get('fact_probe', {}).get('n', '?')} probes; pretrain stage), so the knowledge the "
-            "knowledge split needs is in the backbone to the degree shown.\n")
+    n = m.get("fact_probe", {}).get("n", "?")
+    k = m.get("knowledge")
+    if not k:
+        return (f"- The frozen backbone completes {m['fact_accuracy']:.0%} of the world's fact sentences correctly "
+                f"({n} probes; pretrain stage), so the knowledge the knowledge split needs is in the backbone "
+                "to the degree shown.\n")
+    report = cfg.pretrain.knowledge or "pretrain.knowledge"
+    return (f"- The frozen LM knows {k['cues_known']} of {k['cues']} everyday cues by the knowledge probe "
+            f"({report}); world_everyday names scenes through those only. It completes "
+            f"{m['fact_accuracy']:.0%} of the world's own fact sentences ({n} probes): world_knowledge asks for "
+            "facts this backbone was never taught.\n")
 
 
 def readme_table(cfg: Config) -> str:

@@ -60,7 +60,21 @@ def _txt_to_img(img_rows: list[dict], txt_rows: list[dict]) -> np.ndarray:
     return np.array([index[str(r["image_id"])] for r in txt_rows], dtype=np.int64)
 
 
-PATH_OPTIONS = ("root", "image_root", "submission_dir", "render_dir", "images_dir")
+PATH_OPTIONS = ("root", "image_root", "submission_dir", "render_dir", "images_dir", "cues")
+
+
+def benchmark_options(cfg: Config, entry: dict) -> tuple[str, str, dict]:
+    """(label, name, options) of one `evaluate.benchmarks` entry: paths taken from the project folder,
+    and the world benchmarks on `data.root` unless the entry names another root."""
+    entry = dict(entry)
+    name = entry.pop("name")
+    label = entry.pop("label", name)
+    for key in PATH_OPTIONS:
+        if entry.get(key) is not None:
+            entry[key] = str(cfg.path(entry[key]))
+    if name.startswith("world") and entry.get("root") is None:
+        entry["root"] = str(cfg.path(cfg.data.root))
+    return label, name, entry
 
 
 def run_benchmarks(cfg: Config, encoder=None, with_gap: bool | None = None) -> tuple[dict, dict | None]:
@@ -83,17 +97,10 @@ def run_benchmarks(cfg: Config, encoder=None, with_gap: bool | None = None) -> t
     _reuse_embed_stage(cfg, embedder, ckpt_hash)
     results = {}
     for entry in ev.benchmarks:
-        entry = dict(entry)
-        name = entry.pop("name")
-        label = entry.pop("label", name)
+        label, name, options = benchmark_options(cfg, entry)
         if label in results:
             raise ValueError(f"evaluate.benchmarks: {label!r} appears twice; give one a `label`")
-        for key in PATH_OPTIONS:
-            if entry.get(key) is not None:
-                entry[key] = str(cfg.path(entry[key]))
-        if name.startswith("world") and entry.get("root") is None:
-            entry["root"] = str(cfg.path(cfg.data.root))
-        results[label] = get_benchmark(name)(**entry).evaluate(embedder, ks=tuple(ev.ks))
+        results[label] = get_benchmark(name)(**options).evaluate(embedder, ks=tuple(ev.ks))
     out = cfg.path(ev.report_dir)
     with_gap = ev.modality_gap if with_gap is None else with_gap
     gap = _modality_gap(cfg, out, modality_gap, pca_scatter_png) if with_gap else None

@@ -27,7 +27,7 @@ from slq.config import Config
 from slq.io import write_json_atomic
 
 # evaluate.benchmarks options for the world benchmarks the comparison uses
-WORLD_BENCHMARKS = ("world", "world_knowledge", "world_i2i", "world_composed")
+WORLD_BENCHMARKS = ("world", "world_knowledge", "world_i2i", "world_composed", "world_everyday")
 
 
 class MethodFailed(RuntimeError):
@@ -259,12 +259,25 @@ def evaluate_checkpoint(cfg: Config, ckpt: Path, names) -> dict:
     enc = load_encoder(cfg, queries=ckpt)
     embedder = CachedEmbedder(enc, cfg.path(cfg.evaluate.cache_dir), checkpoint_hash(ckpt),
                               batch_size=cfg.embed.batch_size)
-    out = {}
-    for name in names:
+    return {label: get_benchmark(name)(**options).evaluate(embedder, ks=tuple(cfg.evaluate.ks)).metrics
+            for label, name, options in comparison_benchmarks(cfg, names)}
+
+
+def comparison_benchmarks(cfg: Config, names) -> list[tuple[str, str, dict]]:
+    """(label, benchmark name, options) for each of `methods.benchmarks`: the `evaluate.benchmarks`
+    entry of that label gives its options (world_everyday's `cues`, a split), so every method is
+    scored exactly as the evaluate stage scores SLQ; a name not there runs with its defaults on
+    `evaluate.split`."""
+    from slq.stages.evaluate import benchmark_options
+
+    entries = {dict(e).get("label", e["name"]): e for e in cfg.evaluate.benchmarks}
+    out = []
+    for label in names:
+        label, name, options = benchmark_options(cfg, entries.get(label, {"name": label}))
         if name not in WORLD_BENCHMARKS:
-            raise ValueError(f"methods.benchmarks: {name!r} is not one of {', '.join(WORLD_BENCHMARKS)}")
-        bench = get_benchmark(name)(root=str(cfg.path(cfg.data.root)), split=cfg.evaluate.split)
-        out[name] = bench.evaluate(embedder, ks=tuple(cfg.evaluate.ks)).metrics
+            raise ValueError(f"methods.benchmarks: {label!r} is not one of {', '.join(WORLD_BENCHMARKS)}")
+        options.setdefault("split", cfg.evaluate.split)
+        out.append((label, name, options))
     return out
 
 
