@@ -9,7 +9,7 @@ VENV=${SLQ_TV_VENV:-.venv-torchvision}
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false DO_NOT_TRACK=1
-pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+pip=("$VENV/bin/python" -m pip install -q --no-cache-dir --disable-pip-version-check)
 if ! [ -x "$VENV/bin/python" ] && ! "$PY" -m venv "$VENV"; then
   echo "torchvision check: SKIPPED (no venv)"; exit 0
 fi
