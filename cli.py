@@ -858,8 +858,9 @@ def study_seeds(
                                                    help="Seeds to run, as with --seeds: `--seeds 0 1 2` or `0 1 2`."),
         n: Optional[int] = typer.Option(None, "--n", "-n", help="Seeds 0 .. n-1 (default 5 when no seeds are named)."),
         seeds: Optional[list[int]] = typer.Option(None, "--seeds", help="These seeds instead of --n, e.g. --seeds 0 1 2."),
-        jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Seeds at once, one process each with "
-                                           "cores // jobs torch threads (default: one per core; 1 on a GPU)."),
+        jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Steps at once (a seed's pretraining, "
+                                           "or one method's training and scoring), one process each with cores // "
+                                           "jobs torch threads (default: one per core; 1 on a GPU)."),
         method: Optional[list[str]] = typer.Option(None, "--method", help="Methods (repeatable; default slq and "
                                                    "methods.compare)."),
         metric: Optional[list[str]] = typer.Option(None, "--metric", help="Metrics in the table (repeatable; "

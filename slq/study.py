@@ -3,8 +3,9 @@
 For each pretraining seed: pretrain the built-in backbone (the pretrain stage's `run`), train
 every compared method on it (slq and `methods.compare`, through `train_method`, as the `train` and
 `methods` stages do) and score each on the world's plain and knowledge test splits
-(`evaluate_checkpoint`, as the `methods` stage). Seeds run side by side, one process each, with
-torch threads = cores // jobs.
+(`evaluate_checkpoint`, as the `methods` stage). Those steps (a seed's pretraining, each method on
+its backbone) run side by side, one process each, with torch threads = cores // jobs; the
+pretraining steps go first, so the cores stay busy until the last step.
 
 Cached: a finished seed's result is one JSON file, `<root>/<recipe key>/seed_<k>/result.json`,
 where the key hashes every param that changes a result (not paths, not the seed), so a rerun with
@@ -114,25 +115,60 @@ def seed_config(cfg: Config, seed: int, seed_dir: Path) -> Config:
     return c
 
 
-def run_seed(cfg: Config, job: SeedJob, on_event: Callable | None = None) -> dict:
-    """Pretrain seed `job.seed`'s backbone, train and score every method on it: {"scores": {method:
-    {split: metrics}}, "budget": {method: ...}, "pretrain": ..., "machine": ...}. A backbone or a
-    method's scores already in the seed's folder (same recipe: the folder is keyed by it) are
-    reused. `on_event(kind, detail)` hears ("pretrain", None), ("train", (method, step)),
-    ("evaluate", method) and ("method", method) when one is done."""
+PRETRAIN = "pretrain"  # a seed's first step; every method's step needs its backbone
+PRETRAINED = "pretrained.json"  # the pretrain step's summary in the seed's folder
+
+
+def seed_steps(job: SeedJob) -> list[str]:
+    """A seed's steps, in order: pretraining, then one per method (each needs only the backbone)."""
+    return [PRETRAIN, *job.methods]
+
+
+def run_step(cfg: Config, job: SeedJob, step: str, on_event: Callable | None = None) -> None:
+    """One step of a seed, its output kept in the seed's folder (reused when it is there): "pretrain"
+    builds the backbone (and captions `job.captions` test images with it) and writes `pretrained.json`;
+    a method's step trains it on that backbone and keeps its scores in `scores/<method>.json`.
+    `on_event(kind, detail)` hears ("pretrain", None), ("train", (method, step)), ("evaluate", method)
+    and ("method", method) when a method is done."""
     emit = on_event or (lambda kind, detail: None)
     c = seed_config(cfg, job.seed, job.dir)
     if not (c.path(c.data.root) / c.data.manifest).is_file():
         raise FileNotFoundError(f"no world data at {c.data.root}: run `dvc repro data` (or `slq stage validate`) first")
+    if step != PRETRAIN:
+        if not (Path(job.dir) / PRETRAINED).is_file():
+            raise RuntimeError(f"seed {job.seed}: step {step!r} before its pretraining finished")
+        method_scores(c, step, job, emit)
+        emit("method", step)
+        return
     emit("pretrain", None)
     pre = pretrained(c)
+    path = Path(job.dir) / PRETRAINED
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    if pre["reused"] and kept.get("captions_n") == job.captions:
+        return
     caps = caption_accuracy(Path(c.pretrain.out), c, job.captions) if job.captions else {}
+    # the machine of the process that pretrained: its thread count decides the backbone (issue 17)
+    write_json_atomic(path, {"pretrain": pre, "captions": caps, "captions_n": job.captions,
+                             "machine": kept.get("machine") if pre["reused"] else machine()})
+
+
+def collect_seed(cfg: Config, job: SeedJob) -> dict:
+    """A seed's result from its finished steps' files: {"scores": {method: {split: metrics}},
+    "budget": {method: ...}, "pretrain": ..., "captions": ..., "machine": ...}."""
+    kept = json.loads((Path(job.dir) / PRETRAINED).read_text())
     scores, budget = {}, {}
     for method in job.methods:
-        got = method_scores(c, method, job, emit)
+        got = json.loads((Path(job.dir) / "scores" / f"{method}.json").read_text())
         scores[method], budget[method] = got["scores"], got["budget"]
-        emit("method", method)
-    return {"scores": scores, "budget": budget, "pretrain": pre, "captions": caps, "machine": machine()}
+    return {"scores": scores, "budget": budget, "pretrain": kept["pretrain"], "captions": kept["captions"],
+            "machine": kept.get("machine") or machine()}
+
+
+def run_seed(cfg: Config, job: SeedJob, on_event: Callable | None = None) -> dict:
+    """Every step of one seed in this process, then its result (`collect_seed`)."""
+    for step in seed_steps(job):
+        run_step(cfg, job, step, on_event)
+    return collect_seed(cfg, job)
 
 
 def pretrained(cfg: Config) -> dict:
@@ -259,30 +295,38 @@ def load_result(path: Path, methods, splits) -> dict | None:
     return res if ok else None
 
 
-def resolve_jobs(cfg: Config, jobs: int | None, n_seeds: int) -> int:
-    """Seeds at once: `jobs`, or one per CPU core on a CPU machine and 1 on a GPU; never more than
-    the seeds to run."""
+def resolve_jobs(cfg: Config, jobs: int | None, n_steps: int) -> int:
+    """Steps at once: `jobs`, or one per CPU core on a CPU machine and 1 on a GPU; never more than
+    the steps to run."""
     from slq.stages.methods import cpu_count, uses_gpu
 
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
         raise ValueError(f"--jobs: {jobs!r} is not a whole number >= 1")
     if jobs is None:
         jobs = 1 if uses_gpu(cfg) else cpu_count()
-    return max(1, min(jobs, n_seeds))
+    return max(1, min(jobs, n_steps))
 
 
 def run_study(cfg: Config, seeds, root: str | Path, *, methods=None, splits=SPLITS, jobs: int | None = None,
-              captions: int = 0, runner: Callable | None = None, progress: bool = True) -> Study:
-    """Run every seed in `seeds` whose result is not yet under `root/<recipe key>/`, `jobs` at a
-    time; returns the study with every result that exists. A failed seed writes no result (the
-    others go on); `Study.failed` says which and where its log is. `runner(cfg, job, on_event)`
-    does one seed (default `run_seed`; tests pass a cheap one)."""
+              captions: int = 0, step_runner: Callable | None = None, collect: Callable | None = None,
+              progress: bool = True) -> Study:
+    """Run every seed in `seeds` whose result is not yet under `root/<recipe key>/`; returns the
+    study with every result that exists.
+
+    The work is scheduled by step, not by seed: a seed's pretraining, then each method's training
+    and scoring (`seed_steps`), `jobs` steps at a time in spawned processes. With several jobs the
+    pretraining steps go first (the longest, and each unlocks a seed's methods), so the cores stay
+    busy to the end instead of idling while one last seed runs alone; with one job the seeds run
+    one after another, in this process. A failed step fails its seed, which writes no result (the
+    others go on; its finished steps are kept for a rerun); `Study.failed` says which and where its
+    log is. `step_runner(cfg, job, step, on_event)` and `collect(cfg, job)` default to `run_step`
+    and `collect_seed`; tests pass cheap ones."""
     seeds = sorted({int(s) for s in seeds})
     if not seeds:
         raise ValueError("no seeds to study")
     methods = list(methods or all_methods(cfg))
     splits = list(splits)
-    runner = runner or run_seed
+    step_runner, collect = step_runner or run_step, collect or collect_seed
     rec = recipe(cfg)
     key = recipe_key(rec)
     sdir = Path(cfg.path(root)) / key
@@ -293,23 +337,12 @@ def run_study(cfg: Config, seeds, root: str | Path, *, methods=None, splits=SPLI
     t0 = time.perf_counter()
     failed = {}
     if todo:
-        n_jobs = resolve_jobs(cfg, jobs, len(todo))
+        n_jobs = resolve_jobs(cfg, jobs, len(todo) * (1 + len(methods)))
         bars = SeedBars(todo, methods, cfg.train.steps, show=progress)
-        print(f"study {key}: seeds {_list(todo)} to run ({n_jobs} at a time)"
+        print(f"study {key}: seeds {_list(todo)} to run ({n_jobs} step(s) at a time)"
               + (f", {_list(cached)} cached" if cached else "") + f"; in {sdir}", file=sys.stderr, flush=True)
         try:
-            if n_jobs == 1:
-                for s in todo:
-                    try:
-                        run_one(runner, cfg, jobs_of[s], lambda kind, detail, s=s: bars.event(s, kind, detail))
-                    except Exception as e:  # the next seeds still run; this one left no result
-                        import traceback
-
-                        traceback.print_exc()
-                        failed[s] = f"{type(e).__name__}: {e}"
-                    bars.event(s, "failed" if s in failed else "done", None)
-            else:
-                failed = _run_parallel(runner, cfg, [jobs_of[s] for s in todo], n_jobs, bars)
+            failed = _execute(step_runner, collect, cfg, [jobs_of[s] for s in todo], n_jobs, bars)
         finally:
             bars.close()
     results = [r for s in seeds if (r := load_result(jobs_of[s].dir / RESULT, methods, splits)) is not None]
@@ -317,28 +350,110 @@ def run_study(cfg: Config, seeds, root: str | Path, *, methods=None, splits=SPLI
                  failed=failed, wall_s=time.perf_counter() - t0)
 
 
-def run_one(runner: Callable, cfg: Config, job: SeedJob, on_event: Callable | None = None) -> dict:
-    """One seed: run it, then write its result file atomically (a crash leaves none)."""
+def run_one(collect: Callable, cfg: Config, job: SeedJob, step_s: dict | None = None) -> dict:
+    """A seed whose steps are done: collect its result and write it atomically (a crash leaves none).
+    `step_s` (step -> seconds it ran) is kept with it; `wall_s` is their sum."""
     from slq.stages.register import git_commit
 
-    t0 = time.perf_counter()
-    res = runner(cfg, job, on_event)
+    res = collect(cfg, job)
+    step_s = dict(step_s or {})
     # the code is not in the recipe key (a comment would void every seed): each result names its commit
-    res = {"seed": job.seed, **res, "wall_s": time.perf_counter() - t0, "git_commit": git_commit(cfg.root)}
+    res = {"seed": job.seed, **res, "step_s": step_s, "wall_s": sum(step_s.values()),
+           "git_commit": git_commit(cfg.root)}
     write_json_atomic(Path(job.dir) / RESULT, res)
     return res
 
 
-def _seed_worker(runner, cfg: Config, job: SeedJob, threads: int, queue) -> None:
-    """A spawned process: one seed, its output in `<seed>/log.txt`."""
+class _Plan:
+    """Which step runs next. A seed's methods wait for its pretraining. `pretrain_first`: every
+    ready pretraining before any method (several jobs: the long steps first keep the cores busy to
+    the end); otherwise seed by seed (one job: each seed finishes before the next starts)."""
+
+    def __init__(self, jobs: list[SeedJob], pretrain_first: bool):
+        self.jobs = {j.seed: j for j in jobs}
+        self.left = {j.seed: seed_steps(j) for j in jobs}  # not yet started
+        self.running = {j.seed: set() for j in jobs}
+        self.pretrain_first = pretrain_first
+
+    def _ready(self, seed: int) -> list[str]:
+        left = self.left[seed]
+        if not left:
+            return []
+        if left[0] == PRETRAIN:
+            return [PRETRAIN]
+        return [] if PRETRAIN in self.running[seed] else left
+
+    def take(self) -> tuple[SeedJob, str] | None:
+        order = sorted(self.left, key=lambda s: (not (self.pretrain_first and self._ready(s)[:1] == [PRETRAIN]), s))
+        for seed in order:
+            if ready := self._ready(seed):
+                step = ready[0]
+                self.left[seed].remove(step)
+                self.running[seed].add(step)
+                return self.jobs[seed], step
+        return None
+
+    def done(self, seed: int, step: str) -> bool:
+        """Mark `step` finished; True when the seed has nothing left to do."""
+        self.running[seed].discard(step)
+        return not self.left[seed] and not self.running[seed]
+
+    def fail(self, seed: int) -> None:
+        self.left[seed] = []
+
+
+def _execute(step_runner, collect, cfg: Config, jobs: list[SeedJob], n_jobs: int, bars: SeedBars) -> dict:
+    """Run the seeds' steps, `n_jobs` at a time (1: in this process); each seed's result is written
+    as soon as its last step ends. Returns {seed: why it failed}."""
+    plan = _Plan(jobs, pretrain_first=n_jobs > 1)
+    step_s = {j.seed: {} for j in jobs}
+    failed = {}
+
+    def ended(job: SeedJob, step: str, seconds: float, error: str | None) -> None:
+        if error is not None:
+            failed.setdefault(job.seed, error)
+            plan.fail(job.seed)
+        else:
+            step_s[job.seed][step] = seconds
+        if plan.done(job.seed, step) and job.seed not in failed:
+            try:
+                run_one(collect, cfg, job, step_s[job.seed])
+            except Exception as e:
+                failed[job.seed] = f"{type(e).__name__}: {e}"
+        if job.seed in failed and not plan.running[job.seed]:
+            bars.event(job.seed, "failed", None)
+        elif job.seed not in failed and not plan.left[job.seed] and not plan.running[job.seed]:
+            bars.event(job.seed, "done", None)
+
+    if n_jobs == 1:
+        while (task := plan.take()) is not None:
+            job, step = task
+            t0 = time.perf_counter()
+            try:
+                step_runner(cfg, job, step, lambda kind, detail, s=job.seed: bars.event(s, kind, detail))
+            except Exception as e:  # the next seeds still run; this one leaves no result
+                import traceback
+
+                traceback.print_exc()
+                ended(job, step, 0.0, f"{step}: {type(e).__name__}: {e}")
+            else:
+                ended(job, step, time.perf_counter() - t0, None)
+        return failed
+    _execute_parallel(step_runner, cfg, plan, n_jobs, bars, ended)
+    return failed
+
+
+def _step_worker(step_runner, cfg: Config, job: SeedJob, step: str, threads: int, queue) -> None:
+    """A spawned process: one step of one seed, its output appended to `<seed>/log.txt`."""
     from slq.stages.methods import worker_output
 
-    with worker_output(Path(job.dir) / "log.txt", "a", threads, f"seed {job.seed}"):
-        run_one(runner, cfg, job, lambda kind, detail: queue.put((job.seed, kind, detail)))
+    with worker_output(Path(job.dir) / "log.txt", "a", threads, f"seed {job.seed} {step}"):
+        step_runner(cfg, job, step, lambda kind, detail: queue.put((job.seed, kind, detail)))
 
 
-def _run_parallel(runner, cfg: Config, jobs: list[SeedJob], n_jobs: int, bars: SeedBars) -> dict:
-    """Seeds side by side, one spawned process each, torch threads = cores // processes."""
+def _execute_parallel(step_runner, cfg: Config, plan: _Plan, n_jobs: int, bars: SeedBars, ended: Callable) -> None:
+    """Steps side by side in `n_jobs` spawned processes, torch threads = cores // processes; a step
+    is handed out only when a process is free, so the plan's order holds."""
     import multiprocessing as mp
     import queue as queue_mod
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -349,7 +464,6 @@ def _run_parallel(runner, cfg: Config, jobs: list[SeedJob], n_jobs: int, bars: S
     ctx = mp.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
     manager = ctx.Manager()
     events = manager.Queue()
-    failed = {}
 
     def drain():
         while True:
@@ -360,21 +474,28 @@ def _run_parallel(runner, cfg: Config, jobs: list[SeedJob], n_jobs: int, bars: S
 
     try:
         with ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=worker_init, initargs=(threads,)) as pool:
-            pending = {pool.submit(_seed_worker, runner, cfg, j, threads, events): j for j in jobs}
-            while pending:
-                done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            running = {}
+            while True:
+                while len(running) < n_jobs and (task := plan.take()) is not None:
+                    job, step = task
+                    fut = pool.submit(_step_worker, step_runner, cfg, job, step, threads, events)
+                    running[fut] = (job, step, time.perf_counter())
+                if not running:
+                    break
+                done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
                 drain()
                 for fut in done:
-                    j = pending.pop(fut)
+                    job, step, t0 = running.pop(fut)
                     try:
                         fut.result()
                     except Exception as e:  # the other seeds go on
-                        failed[j.seed] = f"{type(e).__name__}: {e} (log: {Path(j.dir) / 'log.txt'})"
-                    bars.event(j.seed, "failed" if j.seed in failed else "done", None)
+                        ended(job, step, 0.0,
+                              f"{step}: {type(e).__name__}: {e} (log: {Path(job.dir) / 'log.txt'})")
+                    else:
+                        ended(job, step, time.perf_counter() - t0, None)
     finally:
         drain()
         manager.shutdown()
-    return failed
 
 
 class SeedBars:

@@ -25,20 +25,45 @@ def fake_scores(seed: int, methods=tuple(BASE)) -> dict:
                 for i, s in enumerate(SPLITS)} for m in methods}
 
 
-def fake_runner(cfg, job, on_event=None):
-    """Stands in for study.run_seed: records the seed and returns scores for every method asked."""
-    CALLS.append(job.seed)
-    if on_event:
+def fake_step(cfg, job, step, on_event=None):
+    """Stands in for study.run_step: records (seed, step), and writes what the step would keep in the
+    seed's folder (a method's step refuses to run before its seed's pretraining has finished)."""
+    import time
+
+    CALLS.append((job.seed, step))
+    on_event = on_event or (lambda kind, detail: None)
+    d = Path(job.dir)
+    d.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    if step == "pretrain":
         on_event("pretrain", None)
-        for m in job.methods:
-            on_event("train", (m, cfg.train.steps))
-            on_event("evaluate", m)
-            on_event("method", m)
-    if job.seed in getattr(cfg, "_crash_seeds", ()):
-        raise RuntimeError(f"seed {job.seed} crashed")
-    scores = {m: {s: v for s, v in fake_scores(job.seed)[m].items() if s in job.splits} for m in job.methods}
-    return {"scores": scores, "pretrain": {"loss_last10": 1.0 + job.seed / 10, "fact_accuracy": 0.9,
-                                           "wall_time_s": 1.0}}
+        if job.seed in getattr(cfg, "_crash_seeds", ()):
+            raise RuntimeError(f"seed {job.seed} crashed")
+        time.sleep(getattr(cfg, "_pretrain_s", 0.0))
+        out = {"loss_last10": 1.0 + job.seed / 10, "fact_accuracy": 0.9, "wall_time_s": 1.0}
+    else:
+        assert (d / "fake_pretrain.json").is_file(), f"seed {job.seed}: {step} ran before its pretraining"
+        on_event("train", (step, cfg.train.steps))
+        on_event("evaluate", step)
+        if (job.seed, step) in getattr(cfg, "_crash_steps", ()):
+            raise RuntimeError(f"seed {job.seed} {step} crashed")
+        out = {s: v for s, v in fake_scores(job.seed)[step].items() if s in job.splits}
+        on_event("method", step)
+    (d / f"fake_{step}.json").write_text(json.dumps({"out": out, "start": start, "end": time.time()}))
+
+
+def fake_collect(cfg, job):
+    """Stands in for study.collect_seed: the seed's result from fake_step's files."""
+    read = lambda step: json.loads((Path(job.dir) / f"fake_{step}.json").read_text())
+    return {"scores": {m: read(m)["out"] for m in job.methods}, "pretrain": read("pretrain")["out"]}
+
+
+FAKE = {"step_runner": fake_step, "collect": fake_collect, "progress": False}
+
+
+def pretrained_seeds() -> list[int]:
+    """The seeds whose pretraining step ran (in this process), in order."""
+    return [s for s, step in CALLS if step == "pretrain"]
 
 
 def results(seeds, methods=tuple(BASE)) -> list[dict]:
@@ -161,31 +186,33 @@ def cfg(tmp_path):
 
 
 def test_rerun_with_more_seeds_runs_only_the_new_ones(cfg, tmp_path):
-    first = study.run_study(cfg, range(3), "studies", jobs=1, runner=fake_runner, progress=False)
-    assert CALLS == [0, 1, 2] and first.ran == [0, 1, 2] and first.cached == []
+    first = study.run_study(cfg, range(3), "studies", jobs=1, **FAKE)
+    assert CALLS == [(s, step) for s in range(3) for step in ("pretrain", *BASE)]  # one job: seed by seed
+    assert first.ran == [0, 1, 2] and first.cached == []
     CALLS.clear()
-    second = study.run_study(cfg, range(5), "studies", jobs=1, runner=fake_runner, progress=False)
-    assert CALLS == [3, 4] and second.cached == [0, 1, 2] and second.ran == [3, 4]
+    second = study.run_study(cfg, range(5), "studies", jobs=1, **FAKE)
+    assert pretrained_seeds() == [3, 4] and second.cached == [0, 1, 2] and second.ran == [3, 4]
     assert [r["seed"] for r in second.results] == [0, 1, 2, 3, 4] and second.key == first.key
     res = json.loads((tmp_path / "studies" / first.key / "seed_4" / study.RESULT).read_text())
     assert res["seed"] == 4 and res["scores"]["slq"]["world"]["t2i_R@1"] == pytest.approx(0.30 + 0.16 + 0.02)
+    assert set(res["step_s"]) == {"pretrain", *BASE} and res["wall_s"] == pytest.approx(sum(res["step_s"].values()))
     assert json.loads((tmp_path / "studies" / first.key / "recipe.json").read_text())["train"]["steps"] == 7
 
 
 def test_changed_recipe_reruns_a_path_does_not(cfg):
-    a = study.run_study(cfg, range(2), "studies", jobs=1, runner=fake_runner, progress=False)
+    a = study.run_study(cfg, range(2), "studies", jobs=1, **FAKE)
     CALLS.clear()
     cfg.train.out = "elsewhere/slq"  # where outputs go: not the recipe
     cfg.pretrain.seed = 99  # the study sets each seed itself
-    assert study.run_study(cfg, range(2), "studies", jobs=1, runner=fake_runner, progress=False).key == a.key
+    assert study.run_study(cfg, range(2), "studies", jobs=1, **FAKE).key == a.key
     assert CALLS == []
     cfg.pretrain.steps = 1800
-    b = study.run_study(cfg, range(2), "studies", jobs=1, runner=fake_runner, progress=False)
-    assert b.key != a.key and CALLS == [0, 1]
+    b = study.run_study(cfg, range(2), "studies", jobs=1, **FAKE)
+    assert b.key != a.key and pretrained_seeds() == [0, 1]
     CALLS.clear()
     cfg.methods.lr = dict(cfg.methods.lr, lora=0.01)
-    assert study.run_study(cfg, [0], "studies", jobs=1, runner=fake_runner, progress=False).key not in (a.key, b.key)
-    assert CALLS == [0]
+    assert study.run_study(cfg, [0], "studies", jobs=1, **FAKE).key not in (a.key, b.key)
+    assert pretrained_seeds() == [0]
 
 
 def test_the_lm_choice_is_in_the_key_its_source_and_the_default_are_not(cfg):
@@ -215,7 +242,7 @@ def test_speed_settings_at_their_defaults_leave_the_key_and_otherwise_change_it(
 
 def test_crashed_seed_leaves_no_result_and_reruns(cfg, tmp_path):
     cfg._crash_seeds = (1,)
-    s = study.run_study(cfg, range(3), "studies", jobs=1, runner=fake_runner, progress=False)
+    s = study.run_study(cfg, range(3), "studies", jobs=1, **FAKE)
     assert list(s.failed) == [1] and "seed 1 crashed" in s.failed[1]
     assert s.ran == [0, 2] and [r["seed"] for r in s.results] == [0, 2]
     seed_dir = tmp_path / "studies" / s.key / "seed_1"
@@ -223,12 +250,12 @@ def test_crashed_seed_leaves_no_result_and_reruns(cfg, tmp_path):
     assert not [p for p in (tmp_path / "studies").rglob("*") if p.name.endswith(".tmp")]  # no half-written file
     CALLS.clear()
     cfg._crash_seeds = ()
-    again = study.run_study(cfg, range(3), "studies", jobs=1, runner=fake_runner, progress=False)
-    assert CALLS == [1] and not again.failed and len(again.results) == 3
+    again = study.run_study(cfg, range(3), "studies", jobs=1, **FAKE)
+    assert pretrained_seeds() == [1] and not again.failed and len(again.results) == 3
 
 
 def test_a_kill_while_writing_keeps_the_old_result(cfg, tmp_path, monkeypatch):
-    study.run_study(cfg, [0], "studies", jobs=1, runner=fake_runner, progress=False)
+    study.run_study(cfg, [0], "studies", jobs=1, **FAKE)
     path = next((tmp_path / "studies").rglob(study.RESULT))
     before = path.read_text()
     import slq.io
@@ -238,15 +265,15 @@ def test_a_kill_while_writing_keeps_the_old_result(cfg, tmp_path, monkeypatch):
 
     monkeypatch.setattr(slq.io.os, "replace", dies)
     with pytest.raises(KeyboardInterrupt):
-        study.run_one(fake_runner, cfg, study.SeedJob(0, path.parent, list(BASE), list(SPLITS)))
-    assert path.read_text() == before and [p.name for p in path.parent.iterdir()] == [study.RESULT]
+        study.run_one(fake_collect, cfg, study.SeedJob(0, path.parent, list(BASE), list(SPLITS)), {"pretrain": 1.0})
+    assert path.read_text() == before and not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_a_seed_without_a_newly_asked_method_reruns(cfg):
-    study.run_study(cfg, range(2), "studies", methods=["slq", "lora"], jobs=1, runner=fake_runner, progress=False)
+    study.run_study(cfg, range(2), "studies", methods=["slq", "lora"], jobs=1, **FAKE)
     CALLS.clear()
-    s = study.run_study(cfg, range(2), "studies", jobs=1, runner=fake_runner, progress=False)
-    assert CALLS == [0, 1] and set(s.results[0]["scores"]) == set(BASE)
+    s = study.run_study(cfg, range(2), "studies", jobs=1, **FAKE)
+    assert pretrained_seeds() == [0, 1] and set(s.results[0]["scores"]) == set(BASE)
 
 
 def test_seed_config_puts_everything_under_the_seed_folder(cfg, tmp_path):
@@ -270,16 +297,56 @@ def test_jobs():
 
 
 def test_side_by_side_in_processes(cfg, tmp_path):
-    """Seeds at once, each in its own (spawned) process with its own log; one crash spoils no other."""
+    """Steps at once, each in a spawned process appending to its seed's log: every method after its
+    seed's pretraining; a crash (in a pretraining or in one method) fails its own seed only."""
     cfg._crash_seeds = (2,)
-    s = study.run_study(cfg, range(3), "studies", jobs=2, runner=fake_runner, progress=False)
-    assert s.ran == [0, 1] and list(s.failed) == [2] and "log.txt" in s.failed[2]
-    assert [r["seed"] for r in s.results] == [0, 1]
-    assert s.results[1]["scores"] == fake_scores(1)  # floats come back from JSON exactly
+    cfg._crash_steps = ((1, "lora"),)
+    s = study.run_study(cfg, range(4), "studies", jobs=2, **FAKE)
+    assert s.ran == [0, 3] and sorted(s.failed) == [1, 2]
+    assert "log.txt" in s.failed[2] and s.failed[1].startswith("lora: ")
+    assert [r["seed"] for r in s.results] == [0, 3]
+    assert s.results[1]["scores"] == fake_scores(3)  # floats come back from JSON exactly
     logs = tmp_path / "studies" / s.key
-    assert "1 thread(s)" in (logs / "seed_0" / "log.txt").read_text()
+    for seed in (0, 3):
+        done = {step: json.loads((logs / f"seed_{seed}" / f"fake_{step}.json").read_text())
+                for step in ("pretrain", *BASE)}
+        assert all(done[m]["start"] >= done["pretrain"]["end"] for m in BASE)
+        assert set(s.results[[0, 3].index(seed)]["step_s"]) == {"pretrain", *BASE}
+    log0 = (logs / "seed_0" / "log.txt").read_text()
+    assert "seed 0 pretrain: 1 thread(s)" in log0 and "seed 0 lora: 1 thread(s)" in log0
     assert "seed 2 crashed" in (logs / "seed_2" / "log.txt").read_text()
-    assert not (logs / "seed_2" / study.RESULT).exists()
+    assert "seed 1 lora crashed" in (logs / "seed_1" / "log.txt").read_text()
+    assert not (logs / "seed_2" / study.RESULT).exists() and not (logs / "seed_1" / study.RESULT).exists()
+    assert (logs / "seed_1" / "fake_pretrain.json").is_file()  # a failed seed keeps its finished steps
+
+
+def _took(plan):
+    t = plan.take()
+    return t and (t[0].seed, t[1])
+
+
+def test_the_plan_pretrains_first_with_several_jobs():
+    """Several jobs: every ready pretraining before any method (the long steps first, so no core
+    idles at the end), a seed's methods only after its pretraining, then by seed."""
+    plan = study._Plan([study.SeedJob(s, Path(f"s{s}"), ["slq", "lora"], list(SPLITS)) for s in range(3)], True)
+    assert [_took(plan), _took(plan)] == [(0, "pretrain"), (1, "pretrain")]
+    assert not plan.done(1, "pretrain")  # seed 1 still has its methods
+    assert _took(plan) == (2, "pretrain")  # a pretraining before seed 1's ready methods
+    assert _took(plan) == (1, "slq") and _took(plan) == (1, "lora")
+    assert _took(plan) is None  # seeds 0 and 2 are still pretraining
+    plan.fail(2)
+    assert plan.done(0, "pretrain") is False and _took(plan) == (0, "slq")
+    assert not plan.done(1, "slq") and plan.done(1, "lora")  # seed 1: nothing left
+    assert _took(plan) == (0, "lora") and _took(plan) is None  # seed 2 failed: none of its steps
+
+
+def test_the_plan_goes_seed_by_seed_with_one_job():
+    plan = study._Plan([study.SeedJob(s, Path(f"s{s}"), ["slq", "lora"], list(SPLITS)) for s in range(2)], False)
+    order = []
+    while (t := _took(plan)) is not None:
+        order.append(t)
+        plan.done(*t)
+    assert order == [(0, "pretrain"), (0, "slq"), (0, "lora"), (1, "pretrain"), (1, "slq"), (1, "lora")]
 
 
 # ---- the command ----------------------------------------------------------------------------
@@ -289,7 +356,8 @@ def test_cli_study_seeds(tmp_path, monkeypatch):
 
     import cli
 
-    monkeypatch.setattr(study, "run_seed", fake_runner)
+    monkeypatch.setattr(study, "run_step", fake_step)
+    monkeypatch.setattr(study, "collect_seed", fake_collect)
     params = tmp_path / "params.yaml"
     params.write_text("train:\n  steps: 7\n")
     CALLS.clear()
@@ -297,7 +365,7 @@ def test_cli_study_seeds(tmp_path, monkeypatch):
     out = ["--root", "st", "--report", "r/study.md", "--json-out", "m/study.json", "-p", str(params)]
     r = runner.invoke(cli.app, ["study", "seeds", "--n", "3", "--jobs", "1", *out])
     assert r.exit_code == 0, r.output
-    assert CALLS == [0, 1, 2]
+    assert pretrained_seeds() == [0, 1, 2]
     md = (tmp_path / "r" / "study.md").read_text()
     print(md)
     doc = json.loads((tmp_path / "m" / "study.json").read_text())
@@ -314,11 +382,11 @@ def test_cli_study_seeds(tmp_path, monkeypatch):
     CALLS.clear()
     r = runner.invoke(cli.app, ["study", "seeds", "--seeds", "0", "1", "2", "3", "--jobs", "1", *out])
     assert r.exit_code == 0, r.output
-    assert CALLS == [3] and json.loads((tmp_path / "m" / "study.json").read_text())["seeds"] == [0, 1, 2, 3]
+    assert pretrained_seeds() == [3] and json.loads((tmp_path / "m" / "study.json").read_text())["seeds"] == [0, 1, 2, 3]
     CALLS.clear()
     r = runner.invoke(cli.app, ["study", "seeds", "--n", "2", "--jobs", "1", "--set", "train.steps=9", "--json", *out])
     assert r.exit_code == 0, r.output
-    assert CALLS == [0, 1] and json.loads(r.stdout)["recipe_key"] != doc["recipe_key"]
+    assert pretrained_seeds() == [0, 1] and json.loads(r.stdout)["recipe_key"] != doc["recipe_key"]
     # a user error is one line
     r = runner.invoke(cli.app, ["study", "seeds", "--n", "2", "--seeds", "1", *out])
     assert r.exit_code == 1 and "not both" in r.output
