@@ -307,6 +307,22 @@ def test_comparison_benchmarks_take_the_evaluate_entries_options(tmp_path):
         comparison_benchmarks(cfg, ["coco"])
 
 
+def test_benchmark_entries_are_keyed_by_label_and_a_label_twice_is_refused(tmp_path):
+    """The one place `evaluate.benchmarks` labels are made: an entry's `label`, else its name; the
+    same label twice names itself in the error (the evaluate, methods and compare stages share it)."""
+    from slq.config import Config
+    from slq.stages.evaluate import benchmark_entries
+
+    cfg = Config(root=str(tmp_path))
+    cfg.evaluate.benchmarks = [{"name": "world", "label": "world_val", "split": "val"}, {"name": "world"}]
+    got = benchmark_entries(cfg)
+    assert list(got) == ["world_val", "world"] and got["world_val"][1]["split"] == "val"
+    assert got["world"] == ("world", {"root": str(tmp_path / cfg.data.root)})
+    cfg.evaluate.benchmarks.append({"name": "world_knowledge", "label": "world"})
+    with pytest.raises(ValueError, match="evaluate.benchmarks: 'world' appears twice"):
+        benchmark_entries(cfg)
+
+
 def test_methods_workers_is_one_per_core_on_cpu_one_on_gpu_and_checked(monkeypatch, tmp_path):
     from slq.config import load_config
     from slq.stages import methods

@@ -64,6 +64,7 @@ def scores_from_evaluate(cfg: Config, ckpt: Path, names) -> dict | None:
     options (`slq.stages.methods.comparison_benchmarks`), so the evaluate stage's number is the
     same one. Saves loading the model a second time."""
     from slq.checkpoint import checkpoint_hash
+    from slq.stages.evaluate import benchmark_entries
 
     path = cfg.path(cfg.evaluate.metrics)
     if not path.is_file():
@@ -71,7 +72,7 @@ def scores_from_evaluate(cfg: Config, ckpt: Path, names) -> dict | None:
     ev = json.loads(path.read_text())
     if str(ev.get("checkpoint_hash")) != checkpoint_hash(ckpt):
         return None
-    scored = {dict(e).get("label", e["name"]) for e in cfg.evaluate.benchmarks}
+    scored = set(benchmark_entries(cfg))
     got = ev.get("benchmarks") or {}
     if not all(n in scored and n in got for n in names):
         return None

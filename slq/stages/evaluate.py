@@ -77,6 +77,19 @@ def benchmark_options(cfg: Config, entry: dict) -> tuple[str, str, dict]:
     return label, name, entry
 
 
+def benchmark_entries(cfg: Config) -> dict[str, tuple[str, dict]]:
+    """`evaluate.benchmarks` by label (an entry's `label`, else its name): {label: (name, options)},
+    each resolved by `benchmark_options`. The one place the labels are made (the evaluate, methods
+    and compare stages all read them here); a label given twice is an error."""
+    out = {}
+    for entry in cfg.evaluate.benchmarks:
+        label, name, options = benchmark_options(cfg, entry)
+        if label in out:
+            raise ValueError(f"evaluate.benchmarks: {label!r} appears twice; give one a `label`")
+        out[label] = (name, options)
+    return out
+
+
 def run_benchmarks(cfg: Config, encoder=None, with_gap: bool | None = None) -> tuple[dict, dict | None]:
     """Run every benchmark in `evaluate.benchmarks` with the trained checkpoint; write the report.
 
@@ -95,12 +108,8 @@ def run_benchmarks(cfg: Config, encoder=None, with_gap: bool | None = None) -> t
     encoder = encoder or load_encoder(cfg, queries=ckpt)
     embedder = CachedEmbedder(encoder, cfg.path(ev.cache_dir), ckpt_hash, batch_size=cfg.embed.batch_size)
     _reuse_embed_stage(cfg, embedder, ckpt_hash)
-    results = {}
-    for entry in ev.benchmarks:
-        label, name, options = benchmark_options(cfg, entry)
-        if label in results:
-            raise ValueError(f"evaluate.benchmarks: {label!r} appears twice; give one a `label`")
-        results[label] = get_benchmark(name)(**options).evaluate(embedder, ks=tuple(ev.ks))
+    results = {label: get_benchmark(name)(**options).evaluate(embedder, ks=tuple(ev.ks))
+               for label, (name, options) in benchmark_entries(cfg).items()}
     out = cfg.path(ev.report_dir)
     with_gap = ev.modality_gap if with_gap is None else with_gap
     gap = _modality_gap(cfg, out, modality_gap, pca_scatter_png) if with_gap else None

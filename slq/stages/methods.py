@@ -268,12 +268,13 @@ def comparison_benchmarks(cfg: Config, names) -> list[tuple[str, str, dict]]:
     entry of that label gives its options (world_everyday's `cues`, a split), so every method is
     scored exactly as the evaluate stage scores SLQ; a name not there runs with its defaults on
     `evaluate.split`."""
-    from slq.stages.evaluate import benchmark_options
+    from slq.stages.evaluate import benchmark_entries, benchmark_options
 
-    entries = {dict(e).get("label", e["name"]): e for e in cfg.evaluate.benchmarks}
+    entries = benchmark_entries(cfg)
     out = []
     for label in names:
-        label, name, options = benchmark_options(cfg, entries.get(label, {"name": label}))
+        name, options = entries[label] if label in entries else benchmark_options(cfg, {"name": label})[1:]
+        options = dict(options)
         if name not in WORLD_BENCHMARKS:
             raise ValueError(f"methods.benchmarks: {label!r} is not one of {', '.join(WORLD_BENCHMARKS)}")
         options.setdefault("split", cfg.evaluate.split)
