@@ -865,6 +865,9 @@ def study_seeds(
                                                    "methods.compare)."),
         metric: Optional[list[str]] = typer.Option(None, "--metric", help="Metrics in the table (repeatable; "
                                                    "default t2i_R@1 and i2t_R@1; every one is kept per seed)."),
+        split: Optional[list[str]] = typer.Option(None, "--split", help="Benchmarks each method is scored on "
+                                                  "(repeatable; default methods.benchmarks, scored with their "
+                                                  "evaluate.benchmarks options, as the methods stage does)."),
         captions: int = typer.Option(0, help="Test images each backbone captions greedily (colour/shape words "
                                      "right: a generative-skill column; 0: none)."),
         root: Path = typer.Option(Path("studies/seeds"), help="Study folder: <root>/<recipe key>/seed_<k>/ per seed."),
@@ -890,11 +893,11 @@ def study_seeds(
     import contextlib
 
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():  # stdout: the JSON only
-        res = study.run_study(cfg, chosen, root, methods=methods, jobs=jobs, captions=captions,
+        res = study.run_study(cfg, chosen, root, methods=methods, splits=split, jobs=jobs, captions=captions,
                               progress=not as_json)
     if not res.results:
         _fail("no seed finished:\n" + "\n".join(f"  seed {s}: {e}" for s, e in res.failed.items()))
-    agg = study.aggregate(res.results, methods, metrics=metric or study.METRICS)
+    agg = study.aggregate(res.results, methods, splits=res.splits, metrics=metric or study.METRICS)
     machines = sorted({json.dumps(r["machine"], sort_keys=True) for r in res.results if r.get("machine")})
     where = os.path.relpath(res.dir, cfg.path(".")) if Path(res.dir).is_absolute() else res.dir
     header = {"recipe key": f"{res.key} ({where})", "seeds": ", ".join(map(str, agg["seeds"])),

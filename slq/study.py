@@ -34,6 +34,7 @@ from slq.config import Config
 from slq.io import write_json_atomic, write_text_atomic
 
 SPLITS = ("world", "world_knowledge")  # the methods stage's default benchmarks: plain and knowledge-aware
+                                       # (a study scores `methods.benchmarks`, as that stage does)
 METRICS = ("t2i_R@1", "i2t_R@1")
 BASELINE = "slq"  # paired differences: this method minus each other one
 RESULT = "result.json"
@@ -111,6 +112,11 @@ def seed_config(cfg: Config, seed: int, seed_dir: Path) -> Config:
     c.train.work_dir = str(d / "work")
     c.methods.out, c.methods.metrics = str(d / "checkpoints"), str(d / "train_metrics")
     c.evaluate.cache_dir = str(d / "embed_cache")
+    if c.pretrain.knowledge:  # the real LM's probe report: the seed's own, and its world_everyday reads that one
+        mine = str(d / "lm_knowledge.json")
+        c.evaluate.benchmarks = [dict(e, cues=mine) if e.get("cues") == cfg.pretrain.knowledge else e
+                                 for e in c.evaluate.benchmarks]
+        c.pretrain.knowledge = mine
     c.register.track_stages = False  # many processes, one sqlite store: the study's record is its own files
     return c
 
@@ -280,6 +286,7 @@ class Study:
     dir: Path
     recipe: dict
     results: list[dict]  # sorted by seed
+    splits: list[str]  # the benchmarks every result was scored on
     ran: list[int] = field(default_factory=list)
     cached: list[int] = field(default_factory=list)
     failed: dict = field(default_factory=dict)  # seed -> "error (log: path)"
@@ -307,7 +314,7 @@ def resolve_jobs(cfg: Config, jobs: int | None, n_steps: int) -> int:
     return max(1, min(jobs, n_steps))
 
 
-def run_study(cfg: Config, seeds, root: str | Path, *, methods=None, splits=SPLITS, jobs: int | None = None,
+def run_study(cfg: Config, seeds, root: str | Path, *, methods=None, splits=None, jobs: int | None = None,
               captions: int = 0, step_runner: Callable | None = None, collect: Callable | None = None,
               progress: bool = True) -> Study:
     """Run every seed in `seeds` whose result is not yet under `root/<recipe key>/`; returns the
@@ -325,7 +332,14 @@ def run_study(cfg: Config, seeds, root: str | Path, *, methods=None, splits=SPLI
     if not seeds:
         raise ValueError("no seeds to study")
     methods = list(methods or all_methods(cfg))
-    splits = list(splits)
+    splits = list(splits or cfg.methods.benchmarks)
+    from slq.config import ConfigError
+    from slq.stages.methods import comparison_benchmarks
+
+    try:  # a benchmark the methods cannot be scored on is refused here, by name, before anything runs
+        comparison_benchmarks(cfg, splits)
+    except ValueError as e:
+        raise ConfigError(f"{e} (--split / methods.benchmarks)") from None
     step_runner, collect = step_runner or run_step, collect or collect_seed
     rec = recipe(cfg)
     key = recipe_key(rec)
@@ -346,7 +360,7 @@ def run_study(cfg: Config, seeds, root: str | Path, *, methods=None, splits=SPLI
         finally:
             bars.close()
     results = [r for s in seeds if (r := load_result(jobs_of[s].dir / RESULT, methods, splits)) is not None]
-    return Study(key, sdir, rec, results, ran=[s for s in todo if s not in failed], cached=cached,
+    return Study(key, sdir, rec, results, splits, ran=[s for s in todo if s not in failed], cached=cached,
                  failed=failed, wall_s=time.perf_counter() - t0)
 
 

@@ -286,6 +286,34 @@ def test_seed_config_puts_everything_under_the_seed_folder(cfg, tmp_path):
     assert cfg.pretrain.seed == 0 and cfg.pretrain.out == "models/tiny-qwen3-vl"  # the study's config untouched
 
 
+def test_a_real_lm_seed_probes_into_its_own_folder_and_its_everyday_split_reads_it(tmp_path):
+    """pretrain.knowledge (the real LM's probe report) goes under the seed's folder, and the
+    world_everyday entry that read the shared report reads the seed's; other entries are untouched."""
+    cfg = load_config(None, {"pretrain.knowledge": "reports/smollm2/lm_knowledge.json"})
+    cfg.evaluate.benchmarks = [{"name": "world", "split": "test"},
+                               {"name": "world_everyday", "split": "test", "cues": "reports/smollm2/lm_knowledge.json"}]
+    c = study.seed_config(cfg, 1, tmp_path / "s")
+    assert c.pretrain.knowledge == str((tmp_path / "s" / "lm_knowledge.json").resolve())
+    assert c.evaluate.benchmarks == [{"name": "world", "split": "test"},
+                                     {"name": "world_everyday", "split": "test", "cues": c.pretrain.knowledge}]
+    assert cfg.evaluate.benchmarks[1]["cues"] == "reports/smollm2/lm_knowledge.json"  # the study's own config untouched
+
+
+def test_the_study_scores_methods_benchmarks_unless_told(cfg):
+    """By default every method is scored on `methods.benchmarks` (as the methods stage scores them);
+    `splits` narrows it; a benchmark the methods cannot be scored on is refused before anything runs."""
+    cfg.methods.benchmarks = ["world"]
+    s = study.run_study(cfg, [0], "studies", jobs=1, **FAKE)
+    assert s.splits == ["world"] and set(s.results[0]["scores"]["slq"]) == {"world"}
+    assert study.aggregate(s.results, splits=s.splits)["splits"] == ["world"]
+    s = study.run_study(cfg, [0], "studies", jobs=1, splits=list(SPLITS), **FAKE)
+    assert set(s.results[0]["scores"]["slq"]) == set(SPLITS)  # the seed reran for the split it lacked
+    CALLS.clear()
+    with pytest.raises(ValueError, match="'coco' is not one of"):
+        study.run_study(cfg, [1], "studies", jobs=1, splits=["coco"], **FAKE)
+    assert CALLS == []
+
+
 def test_jobs():
     cfg = load_config(None, {"backbone.device": "cpu"})
     from slq.stages.methods import cpu_count
@@ -392,3 +420,9 @@ def test_cli_study_seeds(tmp_path, monkeypatch):
     assert r.exit_code == 1 and "not both" in r.output
     r = runner.invoke(cli.app, ["study", "seeds", "--n", "2", "--method", "nope", *out])
     assert r.exit_code == 1 and "nope" in r.output
+    r = runner.invoke(cli.app, ["study", "seeds", "--n", "2", "--split", "coco", *out])
+    assert r.exit_code == 1 and "methods.benchmarks: 'coco' is not one of" in r.output
+    # --split narrows the table to that benchmark
+    r = runner.invoke(cli.app, ["study", "seeds", "--n", "2", "--split", "world", "--json", *out])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["splits"] == ["world"]
