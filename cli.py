@@ -870,9 +870,10 @@ def study_seeds(
                                                   "evaluate.benchmarks options, as the methods stage does)."),
         captions: int = typer.Option(0, help="Test images each backbone captions greedily (colour/shape words "
                                      "right: a generative-skill column; 0: none)."),
-        root: Path = typer.Option(Path("studies/seeds"), help="Study folder: <root>/<recipe key>/seed_<k>/ per seed."),
-        report: Path = typer.Option(Path("reports/study_seeds.md"), help="The markdown table."),
-        json_out: Path = typer.Option(Path("metrics/study_seeds.json"), "--json-out", help="The numbers (JSON)."),
+        root: Optional[Path] = typer.Option(None, help="Study folder: <root>/<recipe key>/seed_<k>/ per seed "
+                                            "(default study.root: studies/seeds)."),
+        report: Optional[Path] = typer.Option(None, help="The markdown table (default study.report)."),
+        json_out: Optional[Path] = typer.Option(None, "--json-out", help="The numbers, JSON (default study.metrics)."),
         params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, as_json: bool = JsonOpt):
     """Pretrain the built-in backbone with each seed, train and score every method on it, and write
     one table: mean, sd and 95% interval over seeds, and paired differences SLQ minus each baseline.
@@ -881,6 +882,8 @@ def study_seeds(
     from slq.methods import METHODS
 
     cfg = _config(params, set_)
+    root, report, json_out = (Path(p) if p is not None else Path(d) for p, d in
+                              ((root, cfg.study.root), (report, cfg.study.report), (json_out, cfg.study.metrics)))
     named = [*(seeds or []), *(more or [])]
     if named and n is not None:
         _fail("give --n or the seeds (--seeds 0 1 2), not both")

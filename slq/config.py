@@ -261,6 +261,15 @@ class CorpusConfig:
 
 
 @dataclass
+class StudyConfig:
+    """`slq study seeds`: where its seeds, its table and its numbers go (each pipeline its own)."""
+
+    root: str = "studies/seeds"  # <root>/<recipe key>/seed_<k>/ per seed
+    report: str = "reports/study_seeds.md"
+    metrics: str = "metrics/study_seeds.json"
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -274,6 +283,7 @@ class Config:
     methods: MethodsConfig = field(default_factory=MethodsConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     root: str = "."  # the project directory every relative path is taken from
 
     def path(self, p: str | Path) -> Path:

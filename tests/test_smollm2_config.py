@@ -20,7 +20,8 @@ def _paths(cfg) -> dict:
     d = asdict(cfg)
     keys = {"pretrain": ("out", "metrics", "history", "knowledge"), "train": ("out", "work_dir", "metrics", "history"),
             "embed": ("out",), "evaluate": ("metrics", "plots", "report_dir", "cache_dir"),
-            "index": ("uri", "out", "metrics"), "methods": ("out", "metrics", "report", "summary", "html"), "register": ("out",)}
+            "index": ("uri", "out", "metrics"), "methods": ("out", "metrics", "report", "summary", "html"), "register": ("out",),
+            "study": ("root", "report", "metrics")}
     return {f"{s}.{k}": cfg.path(d[s][k]) for s, ks in keys.items() for k in ks if d[s][k]}
 
 

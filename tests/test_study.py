@@ -426,3 +426,9 @@ def test_cli_study_seeds(tmp_path, monkeypatch):
     r = runner.invoke(cli.app, ["study", "seeds", "--n", "2", "--split", "world", "--json", *out])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["splits"] == ["world"]
+    # without --root/--report/--json-out: the params' study section says where (each pipeline its own)
+    params.write_text("train:\n  steps: 7\nstudy:\n  root: st2\n  report: r2/s.md\n  metrics: m2/s.json\n")
+    r = runner.invoke(cli.app, ["study", "seeds", "--n", "1", "--jobs", "1", "-p", str(params)])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "r2" / "s.md").is_file() and json.loads((tmp_path / "m2" / "s.json").read_text())["n"] == 1
+    assert len(list((tmp_path / "st2").glob("*/seed_0/result.json"))) == 1
