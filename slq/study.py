@@ -170,13 +170,6 @@ def collect_seed(cfg: Config, job: SeedJob) -> dict:
             "machine": kept.get("machine") or machine()}
 
 
-def run_seed(cfg: Config, job: SeedJob, on_event: Callable | None = None) -> dict:
-    """Every step of one seed in this process, then its result (`collect_seed`)."""
-    for step in seed_steps(job):
-        run_step(cfg, job, step, on_event)
-    return collect_seed(cfg, job)
-
-
 def pretrained(cfg: Config) -> dict:
     """The seed's backbone: pretrained by the pretrain stage, or the one already in its folder."""
     from slq.stages import pretrain
