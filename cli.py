@@ -882,8 +882,9 @@ def study_seeds(
     from slq.methods import METHODS
 
     cfg = _config(params, set_)
-    root, report, json_out = (Path(p) if p is not None else Path(d) for p, d in
-                              ((root, cfg.study.root), (report, cfg.study.report), (json_out, cfg.study.metrics)))
+    root = root if root is not None else Path(cfg.study.root)
+    report = report if report is not None else Path(cfg.study.report)
+    json_out = json_out if json_out is not None else Path(cfg.study.metrics)
     named = [*(seeds or []), *(more or [])]
     if named and n is not None:
         _fail("give --n or the seeds (--seeds 0 1 2), not both")

@@ -158,13 +158,18 @@ def run_step(cfg: Config, job: SeedJob, step: str, on_event: Callable | None = N
                              "machine": kept.get("machine") if pre["reused"] else machine()})
 
 
+def scores_path(job: SeedJob, method: str) -> Path:
+    """Where a method's step keeps its scores and budget in the seed's folder."""
+    return Path(job.dir) / "scores" / f"{method}.json"
+
+
 def collect_seed(cfg: Config, job: SeedJob) -> dict:
     """A seed's result from its finished steps' files: {"scores": {method: {split: metrics}},
     "budget": {method: ...}, "pretrain": ..., "captions": ..., "machine": ...}."""
     kept = json.loads((Path(job.dir) / PRETRAINED).read_text())
     scores, budget = {}, {}
     for method in job.methods:
-        got = json.loads((Path(job.dir) / "scores" / f"{method}.json").read_text())
+        got = json.loads(scores_path(job, method).read_text())
         scores[method], budget[method] = got["scores"], got["budget"]
     return {"scores": scores, "budget": budget, "pretrain": kept["pretrain"], "captions": kept["captions"],
             "machine": kept.get("machine") or machine()}
@@ -200,7 +205,7 @@ def method_scores(cfg: Config, method: str, job: SeedJob, emit: Callable) -> dic
     from slq.stages.methods import evaluate_checkpoint
     from slq.stages.train import train_method
 
-    path = Path(job.dir) / "scores" / f"{method}.json"
+    path = scores_path(job, method)
     if path.is_file():
         kept = json.loads(path.read_text())
         if all(s in kept["scores"] for s in job.splits):
@@ -382,20 +387,18 @@ class _Plan:
         self.running = {j.seed: set() for j in jobs}
         self.pretrain_first = pretrain_first
 
-    def _ready(self, seed: int) -> list[str]:
+    def _next(self, seed: int) -> str | None:
+        """The seed's next step if it may start now (a method only once its pretraining ended)."""
         left = self.left[seed]
-        if not left:
-            return []
-        if left[0] == PRETRAIN:
-            return [PRETRAIN]
-        return [] if PRETRAIN in self.running[seed] else left
+        if not left or (left[0] != PRETRAIN and PRETRAIN in self.running[seed]):
+            return None
+        return left[0]
 
     def take(self) -> tuple[SeedJob, str] | None:
-        order = sorted(self.left, key=lambda s: (not (self.pretrain_first and self._ready(s)[:1] == [PRETRAIN]), s))
+        order = sorted(self.left, key=lambda s: (not (self.pretrain_first and self._next(s) == PRETRAIN), s))
         for seed in order:
-            if ready := self._ready(seed):
-                step = ready[0]
-                self.left[seed].remove(step)
+            if (step := self._next(seed)) is not None:
+                self.left[seed].pop(0)
                 self.running[seed].add(step)
                 return self.jobs[seed], step
         return None
@@ -422,15 +425,14 @@ def _execute(step_runner, collect, cfg: Config, jobs: list[SeedJob], n_jobs: int
             plan.fail(job.seed)
         else:
             step_s[job.seed][step] = seconds
-        if plan.done(job.seed, step) and job.seed not in failed:
+        if not plan.done(job.seed, step):
+            return
+        if job.seed not in failed:
             try:
                 run_one(collect, cfg, job, step_s[job.seed])
             except Exception as e:
                 failed[job.seed] = f"{type(e).__name__}: {e}"
-        if job.seed in failed and not plan.running[job.seed]:
-            bars.event(job.seed, "failed", None)
-        elif job.seed not in failed and not plan.left[job.seed] and not plan.running[job.seed]:
-            bars.event(job.seed, "done", None)
+        bars.event(job.seed, "failed" if job.seed in failed else "done", None)
 
     if n_jobs == 1:
         while (task := plan.take()) is not None:
