@@ -9,9 +9,12 @@ pretraining steps go first, so the cores stay busy until the last step.
 
 Cached: a finished seed's result is one JSON file, `<root>/<recipe key>/seed_<k>/result.json`,
 where the key hashes every param that changes a result (not paths, not the seed), so a rerun with
-more seeds runs only the new ones, and a changed recipe gets a folder of its own. Inside a seed's
-folder the backbone and each method's scores are kept as they finish, so a seed that crashed
-resumes where it stopped. Every file is written whole or not at all (temp file, then rename).
+more seeds runs only the new ones, and a changed recipe gets a folder of its own. A seed's
+backbone is kept apart, under `<root>/backbones/<backbone key>/seed_<k>/`, keyed by what changes
+it (the data and the pretraining recipe) only: a study that changes a method's recipe (the query
+count, the training budget, a prompt) trains its methods on the backbones already pretrained.
+Each method's scores are kept as they finish, so a seed that crashed resumes where it stopped.
+Every file is written whole or not at all (temp file, then rename).
 
 `aggregate` is a pure function of the per-seed results: for every method, split and metric the
 mean, the standard deviation and a 95% Student-t interval over seeds (n - 1 degrees of freedom),
@@ -57,26 +60,37 @@ LATER_DEFAULTS = {"lm": "tiny", "autocast": None, "attn_implementation": None}  
                                                                                 # the first seeds were run
 
 
-def recipe(cfg: Config) -> dict:
-    """Every setting that changes a seed's result: the data, the pretraining recipe (not its seed),
-    the model's precision and pixel budget, the prompts, the training budget, each method's
-    settings and the evaluation split and ks. Paths to outputs, worker counts and logging are not
-    in it; the seed is kept apart."""
-    from slq.stages.train import RESULT_NEUTRAL, data_hash
+def _drop(d: dict, keys) -> dict:
+    return {k: v for k, v in d.items() if k not in keys}
 
-    drop = lambda d, keys: {k: v for k, v in d.items() if k not in keys}
+
+def backbone_recipe(cfg: Config) -> dict:
+    """Every setting that changes a seed's backbone: the data and the pretraining recipe (not its
+    seed, not paths or logging)."""
+    from slq.stages.train import data_hash
+
     manifest = cfg.path(cfg.data.root) / cfg.data.manifest
-    pre = drop(asdict(cfg.pretrain), ("out", "metrics", "history", "log_every", "seed", "lm_source", "gguf",
-                                      "knowledge"))
+    pre = _drop(asdict(cfg.pretrain), ("out", "metrics", "history", "log_every", "seed", "lm_source", "gguf",
+                                       "knowledge"))
     for key, default in LATER_DEFAULTS.items():  # at their defaults, settings added later add nothing:
         if key in pre and pre[key] == default:    # keys made before they existed stay valid
             del pre[key]
+    return {"data": asdict(cfg.data) | {"manifest_sha256": data_hash(cfg) if manifest.is_file() else None},
+            "pretrain": pre}
+
+
+def recipe(cfg: Config) -> dict:
+    """Every setting that changes a seed's result: the backbone's (`backbone_recipe`), the model's
+    precision and pixel budget, the prompts, the training budget, each method's settings and the
+    evaluation split and ks. Paths to outputs, worker counts and logging are not in it; the seed is
+    kept apart."""
+    from slq.stages.train import RESULT_NEUTRAL
+
     return {
-        "data": asdict(cfg.data) | {"manifest_sha256": data_hash(cfg) if manifest.is_file() else None},
-        "pretrain": pre,
+        **backbone_recipe(cfg),
         "backbone": {k: getattr(cfg.backbone, k) for k in ("dtype", "min_pixels", "max_pixels")},
         "prompts": asdict(cfg.prompts),
-        "train": drop(asdict(cfg.train), (*RESULT_NEUTRAL, "method")),
+        "train": _drop(asdict(cfg.train), (*RESULT_NEUTRAL, "method")),
         "methods": {k: getattr(cfg.methods, k) for k in ("lr", "pooling", "prompts")},
         "evaluate": {"split": cfg.evaluate.split, "ks": list(cfg.evaluate.ks)},
     }
@@ -99,21 +113,29 @@ class SeedJob:
     methods: list[str]
     splits: list[str]
     captions: int = 0  # test images greedily captioned with the backbone (0: none)
+    backbone_dir: Path | None = None  # where its backbone is pretrained and kept (None: in `dir`)
+
+    @property
+    def bdir(self) -> Path:
+        return Path(self.backbone_dir if self.backbone_dir is not None else self.dir)
 
 
-def seed_config(cfg: Config, seed: int, seed_dir: Path) -> Config:
-    """`cfg` with the pretraining seed set and every output of the seed under `seed_dir`."""
+def seed_config(cfg: Config, seed: int, seed_dir: Path, backbone_dir: Path | None = None) -> Config:
+    """`cfg` with the pretraining seed set and every output of the seed under `seed_dir`, its
+    backbone (and the pretrain stage's metrics, and the real LM's probe report) under
+    `backbone_dir` (default: `seed_dir`)."""
     c = copy.deepcopy(cfg)
     d = Path(seed_dir).resolve()
+    b = Path(backbone_dir).resolve() if backbone_dir is not None else d
     c.pretrain.seed = seed
-    c.pretrain.out = c.backbone.path = str(d / "backbone")
+    c.pretrain.out = c.backbone.path = str(b / "backbone")
     c.backbone.builtin = True
-    c.pretrain.metrics, c.pretrain.history = str(d / "pretrain.json"), str(d / "pretrain_history.csv")
+    c.pretrain.metrics, c.pretrain.history = str(b / "pretrain.json"), str(b / "pretrain_history.csv")
     c.train.work_dir = str(d / "work")
     c.methods.out, c.methods.metrics = str(d / "checkpoints"), str(d / "train_metrics")
     c.evaluate.cache_dir = str(d / "embed_cache")
     if c.pretrain.knowledge:  # the real LM's probe report: the seed's own, and its world_everyday reads that one
-        mine = str(d / "lm_knowledge.json")
+        mine = str(b / "lm_knowledge.json")
         c.evaluate.benchmarks = [dict(e, cues=mine) if e.get("cues") == cfg.pretrain.knowledge else e
                                  for e in c.evaluate.benchmarks]
         c.pretrain.knowledge = mine
@@ -125,9 +147,22 @@ PRETRAIN = "pretrain"  # a seed's first step; every method's step needs its back
 PRETRAINED = "pretrained.json"  # the pretrain step's summary in the seed's folder
 
 
+def _has_captions(kept: dict, asked: int) -> bool:
+    """A pretrain step's record has the captions asked for (none asked: whatever it has will do)."""
+    return bool(kept) and (asked == 0 or kept.get("captions_n") == asked)
+
+
+def backbone_ready(job: SeedJob) -> bool:
+    """The seed's backbone is pretrained (by this study or another with the same backbone key) and
+    has the captions asked for."""
+    path = job.bdir / PRETRAINED
+    return path.is_file() and _has_captions(json.loads(path.read_text()), job.captions)
+
+
 def seed_steps(job: SeedJob) -> list[str]:
-    """A seed's steps, in order: pretraining, then one per method (each needs only the backbone)."""
-    return [PRETRAIN, *job.methods]
+    """A seed's steps, in order: pretraining (unless its backbone is ready), then one per method
+    (each needs only the backbone)."""
+    return [*([] if backbone_ready(job) else [PRETRAIN]), *job.methods]
 
 
 def run_step(cfg: Config, job: SeedJob, step: str, on_event: Callable | None = None) -> None:
@@ -137,20 +172,20 @@ def run_step(cfg: Config, job: SeedJob, step: str, on_event: Callable | None = N
     `on_event(kind, detail)` hears ("pretrain", None), ("train", (method, step)), ("evaluate", method)
     and ("method", method) when a method is done."""
     emit = on_event or (lambda kind, detail: None)
-    c = seed_config(cfg, job.seed, job.dir)
+    c = seed_config(cfg, job.seed, job.dir, job.backbone_dir)
     if not (c.path(c.data.root) / c.data.manifest).is_file():
         raise FileNotFoundError(f"no world data at {c.data.root}: run `dvc repro data` (or `slq stage validate`) first")
     if step != PRETRAIN:
-        if not (Path(job.dir) / PRETRAINED).is_file():
+        if not (job.bdir / PRETRAINED).is_file():
             raise RuntimeError(f"seed {job.seed}: step {step!r} before its pretraining finished")
         method_scores(c, step, job, emit)
         emit("method", step)
         return
     emit("pretrain", None)
     pre = pretrained(c)
-    path = Path(job.dir) / PRETRAINED
+    path = job.bdir / PRETRAINED
     kept = json.loads(path.read_text()) if path.is_file() else {}
-    if pre["reused"] and kept.get("captions_n") == job.captions:
+    if pre["reused"] and _has_captions(kept, job.captions):
         return
     caps = caption_accuracy(Path(c.pretrain.out), c, job.captions) if job.captions else {}
     # the machine of the process that pretrained: its thread count decides the backbone (issue 17)
@@ -166,7 +201,7 @@ def scores_path(job: SeedJob, method: str) -> Path:
 def collect_seed(cfg: Config, job: SeedJob) -> dict:
     """A seed's result from its finished steps' files: {"scores": {method: {split: metrics}},
     "budget": {method: ...}, "pretrain": ..., "captions": ..., "machine": ...}."""
-    kept = json.loads((Path(job.dir) / PRETRAINED).read_text())
+    kept = json.loads((job.bdir / PRETRAINED).read_text())
     scores, budget = {}, {}
     for method in job.methods:
         got = json.loads(scores_path(job, method).read_text())
@@ -343,7 +378,9 @@ def run_study(cfg: Config, seeds, root: str | Path, *, methods=None, splits=None
     key = recipe_key(rec)
     sdir = Path(cfg.path(root)) / key
     write_json_atomic(sdir / "recipe.json", rec)
-    jobs_of = {s: SeedJob(s, sdir / f"seed_{s}", methods, splits, captions) for s in seeds}
+    bkey = recipe_key(backbone_recipe(cfg))
+    jobs_of = {s: SeedJob(s, sdir / f"seed_{s}", methods, splits, captions,
+                          backbone_dir=Path(cfg.path(root)) / "backbones" / bkey / f"seed_{s}") for s in seeds}
     cached = [s for s in seeds if load_result(jobs_of[s].dir / RESULT, methods, splits) is not None]
     todo = [s for s in seeds if s not in cached]
     t0 = time.perf_counter()

@@ -32,8 +32,9 @@ def fake_step(cfg, job, step, on_event=None):
 
     CALLS.append((job.seed, step))
     on_event = on_event or (lambda kind, detail: None)
-    d = Path(job.dir)
+    d, b = Path(job.dir), job.bdir
     d.mkdir(parents=True, exist_ok=True)
+    b.mkdir(parents=True, exist_ok=True)
     start = time.time()
     if step == "pretrain":
         on_event("pretrain", None)
@@ -42,19 +43,23 @@ def fake_step(cfg, job, step, on_event=None):
         time.sleep(getattr(cfg, "_pretrain_s", 0.0))
         out = {"loss_last10": 1.0 + job.seed / 10, "fact_accuracy": 0.9, "wall_time_s": 1.0}
     else:
-        assert (d / "fake_pretrain.json").is_file(), f"seed {job.seed}: {step} ran before its pretraining"
+        assert (b / "fake_pretrain.json").is_file(), f"seed {job.seed}: {step} ran before its pretraining"
         on_event("train", (step, cfg.train.steps))
         on_event("evaluate", step)
         if (job.seed, step) in getattr(cfg, "_crash_steps", ()):
             raise RuntimeError(f"seed {job.seed} {step} crashed")
         out = {s: v for s, v in fake_scores(job.seed)[step].items() if s in job.splits}
         on_event("method", step)
-    (d / f"fake_{step}.json").write_text(json.dumps({"out": out, "start": start, "end": time.time()}))
+    (b if step == "pretrain" else d).joinpath(f"fake_{step}.json").write_text(
+        json.dumps({"out": out, "start": start, "end": time.time()}))
+    if step == "pretrain":  # what the real pretrain step leaves: the backbone is ready for any recipe's methods
+        (b / study.PRETRAINED).write_text(json.dumps({"captions_n": job.captions}))
 
 
 def fake_collect(cfg, job):
     """Stands in for study.collect_seed: the seed's result from fake_step's files."""
-    read = lambda step: json.loads((Path(job.dir) / f"fake_{step}.json").read_text())
+    read = lambda step: json.loads(((job.bdir if step == "pretrain" else Path(job.dir)) / f"fake_{step}.json")
+                                   .read_text())
     return {"scores": {m: read(m)["out"] for m in job.methods}, "pretrain": read("pretrain")["out"]}
 
 
@@ -210,9 +215,53 @@ def test_changed_recipe_reruns_a_path_does_not(cfg):
     b = study.run_study(cfg, range(2), "studies", jobs=1, **FAKE)
     assert b.key != a.key and pretrained_seeds() == [0, 1]
     CALLS.clear()
-    cfg.methods.lr = dict(cfg.methods.lr, lora=0.01)
-    assert study.run_study(cfg, [0], "studies", jobs=1, **FAKE).key not in (a.key, b.key)
+    cfg.methods.lr = dict(cfg.methods.lr, lora=0.01)  # a method's recipe: a new study on the same backbones
+    c = study.run_study(cfg, [0], "studies", jobs=1, **FAKE)
+    assert c.key not in (a.key, b.key) and pretrained_seeds() == [] and CALLS == [(0, m) for m in BASE]
+    assert "pretrain" not in c.results[0]["step_s"]
+    assert c.results[0]["pretrain"] == b.results[0]["pretrain"]  # the backbone's record, from its own folder
+
+
+def test_a_changed_method_recipe_trains_on_the_pretrained_backbones(cfg, tmp_path):
+    """Backbones are kept by the backbone key (data + pretraining), apart from the study's: a new
+    query count is a new study, trained on the backbones already there; new captions redo the
+    pretrain step (it reuses the model and captions again); a new pretraining recipe pretrains."""
+    a = study.run_study(cfg, range(2), "studies", jobs=1, **FAKE)
+    bkey = study.recipe_key(study.backbone_recipe(cfg))
+    for s in range(2):
+        assert (tmp_path / "studies" / "backbones" / bkey / f"seed_{s}" / "fake_pretrain.json").is_file()
+        assert not (tmp_path / "studies" / a.key / f"seed_{s}" / "fake_pretrain.json").exists()
+    CALLS.clear()
+    cfg.train.num_queries = 64
+    cfg.prompts.text = "{text}"
+    b = study.run_study(cfg, range(3), "studies", jobs=1, **FAKE)  # seed 2 is new: it pretrains
+    assert b.key != a.key and study.recipe_key(study.backbone_recipe(cfg)) == bkey
+    assert CALLS == [*[(s, m) for s in range(2) for m in BASE], (2, "pretrain"), *[(2, m) for m in BASE]]
+    assert [r["seed"] for r in b.results] == [0, 1, 2]
+    bdir = tmp_path / "studies" / "backbones" / bkey / "seed_0"
+    job = lambda captions: study.SeedJob(0, tmp_path / "x", list(BASE), list(SPLITS), captions, backbone_dir=bdir)
+    assert study.seed_steps(job(0)) == list(BASE)
+    assert study.seed_steps(job(5)) == ["pretrain", *BASE]  # not the captions the backbone has: the step again
+    (bdir / study.PRETRAINED).write_text(json.dumps({"captions_n": 5}))
+    assert study.seed_steps(job(5)) == study.seed_steps(job(0)) == list(BASE)  # none asked: any will do
+    CALLS.clear()
+    cfg.pretrain.lr = 0.001
+    assert study.recipe_key(study.backbone_recipe(cfg)) != bkey
+    study.run_study(cfg, [0], "studies", jobs=1, **FAKE)
     assert pretrained_seeds() == [0]
+
+
+def test_the_backbone_key_holds_the_data_and_the_pretraining_only(cfg):
+    key = lambda: study.recipe_key(study.backbone_recipe(cfg))
+    base = key()
+    cfg.train.lr, cfg.train.steps, cfg.methods.lr = 0.5, 300, dict(cfg.methods.lr, full=1.0)
+    cfg.prompts.image, cfg.backbone.dtype, cfg.evaluate.ks = "", "bfloat16", [1]
+    cfg.pretrain.out, cfg.pretrain.seed = "elsewhere", 7
+    assert key() == base
+    cfg.data.n_train = 10
+    assert key() != base
+    cfg.data.n_train, cfg.pretrain.mix = load_config(None).data.n_train, dict(cfg.pretrain.mix, facts=0.5)
+    assert key() != base
 
 
 def test_the_lm_choice_is_in_the_key_its_source_and_the_default_are_not(cfg):
@@ -265,7 +314,9 @@ def test_a_kill_while_writing_keeps_the_old_result(cfg, tmp_path, monkeypatch):
 
     monkeypatch.setattr(slq.io.os, "replace", dies)
     with pytest.raises(KeyboardInterrupt):
-        study.run_one(fake_collect, cfg, study.SeedJob(0, path.parent, list(BASE), list(SPLITS)), {"pretrain": 1.0})
+        bdir = next((tmp_path / "studies" / "backbones").glob("*/seed_0"))
+        study.run_one(fake_collect, cfg, study.SeedJob(0, path.parent, list(BASE), list(SPLITS), backbone_dir=bdir),
+                      {"pretrain": 1.0})
     assert path.read_text() == before and not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -273,7 +324,7 @@ def test_a_seed_without_a_newly_asked_method_reruns(cfg):
     study.run_study(cfg, range(2), "studies", methods=["slq", "lora"], jobs=1, **FAKE)
     CALLS.clear()
     s = study.run_study(cfg, range(2), "studies", jobs=1, **FAKE)
-    assert pretrained_seeds() == [0, 1] and set(s.results[0]["scores"]) == set(BASE)
+    assert pretrained_seeds() == [] and set(s.results[0]["scores"]) == set(BASE)  # on the same backbones
 
 
 def test_seed_config_puts_everything_under_the_seed_folder(cfg, tmp_path):
@@ -284,6 +335,12 @@ def test_seed_config_puts_everything_under_the_seed_folder(cfg, tmp_path):
         assert Path(p).is_relative_to(tmp_path / "s")
     assert not c.register.track_stages
     assert cfg.pretrain.seed == 0 and cfg.pretrain.out == "models/tiny-qwen3-vl"  # the study's config untouched
+    c = study.seed_config(cfg, 3, tmp_path / "s", tmp_path / "b")  # the backbone kept apart: only its files there
+    for p in (c.pretrain.out, c.pretrain.metrics, c.pretrain.history):
+        assert Path(p).is_relative_to(tmp_path / "b")
+    for p in (c.train.work_dir, c.methods.out, c.methods.metrics, c.evaluate.cache_dir):
+        assert Path(p).is_relative_to(tmp_path / "s")
+    assert c.backbone.path == c.pretrain.out
 
 
 def test_a_real_lm_seed_probes_into_its_own_folder_and_its_everyday_split_reads_it(tmp_path):
@@ -292,8 +349,8 @@ def test_a_real_lm_seed_probes_into_its_own_folder_and_its_everyday_split_reads_
     cfg = load_config(None, {"pretrain.knowledge": "reports/smollm2/lm_knowledge.json"})
     cfg.evaluate.benchmarks = [{"name": "world", "split": "test"},
                                {"name": "world_everyday", "split": "test", "cues": "reports/smollm2/lm_knowledge.json"}]
-    c = study.seed_config(cfg, 1, tmp_path / "s")
-    assert c.pretrain.knowledge == str((tmp_path / "s" / "lm_knowledge.json").resolve())
+    c = study.seed_config(cfg, 1, tmp_path / "s", tmp_path / "b")
+    assert c.pretrain.knowledge == str((tmp_path / "b" / "lm_knowledge.json").resolve())  # beside its backbone
     assert c.evaluate.benchmarks == [{"name": "world", "split": "test"},
                                      {"name": "world_everyday", "split": "test", "cues": c.pretrain.knowledge}]
     assert cfg.evaluate.benchmarks[1]["cues"] == "reports/smollm2/lm_knowledge.json"  # the study's own config untouched
@@ -336,8 +393,9 @@ def test_side_by_side_in_processes(cfg, tmp_path):
     assert s.results[1]["scores"] == fake_scores(3)  # floats come back from JSON exactly
     logs = tmp_path / "studies" / s.key
     for seed in (0, 3):
-        done = {step: json.loads((logs / f"seed_{seed}" / f"fake_{step}.json").read_text())
-                for step in ("pretrain", *BASE)}
+        bdir = tmp_path / "studies" / "backbones" / study.recipe_key(study.backbone_recipe(cfg)) / f"seed_{seed}"
+        done = {step: json.loads(((bdir if step == "pretrain" else logs / f"seed_{seed}") / f"fake_{step}.json")
+                                 .read_text()) for step in ("pretrain", *BASE)}
         assert all(done[m]["start"] >= done["pretrain"]["end"] for m in BASE)
         assert set(s.results[[0, 3].index(seed)]["step_s"]) == {"pretrain", *BASE}
     log0 = (logs / "seed_0" / "log.txt").read_text()
@@ -345,7 +403,8 @@ def test_side_by_side_in_processes(cfg, tmp_path):
     assert "seed 2 crashed" in (logs / "seed_2" / "log.txt").read_text()
     assert "seed 1 lora crashed" in (logs / "seed_1" / "log.txt").read_text()
     assert not (logs / "seed_2" / study.RESULT).exists() and not (logs / "seed_1" / study.RESULT).exists()
-    assert (logs / "seed_1" / "fake_pretrain.json").is_file()  # a failed seed keeps its finished steps
+    assert next((tmp_path / "studies" / "backbones").glob("*/seed_1/fake_pretrain.json"))  # a failed seed
+    assert not list((tmp_path / "studies" / "backbones").glob("*/seed_2/fake_pretrain.json"))  # keeps its finished steps
 
 
 def _took(plan):
@@ -414,7 +473,8 @@ def test_cli_study_seeds(tmp_path, monkeypatch):
     CALLS.clear()
     r = runner.invoke(cli.app, ["study", "seeds", "--n", "2", "--jobs", "1", "--set", "train.steps=9", "--json", *out])
     assert r.exit_code == 0, r.output
-    assert pretrained_seeds() == [0, 1] and json.loads(r.stdout)["recipe_key"] != doc["recipe_key"]
+    assert json.loads(r.stdout)["recipe_key"] != doc["recipe_key"]
+    assert pretrained_seeds() == [] and {s for s, _ in CALLS} == {0, 1}  # its methods, on the same backbones
     # a user error is one line
     r = runner.invoke(cli.app, ["study", "seeds", "--n", "2", "--seeds", "1", *out])
     assert r.exit_code == 1 and "not both" in r.output
