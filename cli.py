@@ -870,7 +870,8 @@ def study_seeds(
                                                   "evaluate.benchmarks options, as the methods stage does)."),
         captions: int = typer.Option(0, help="Test images each backbone captions greedily (colour/shape words "
                                      "right: a generative-skill column; 0: none)."),
-        root: Optional[Path] = typer.Option(None, help="Study folder: <root>/<recipe key>/seed_<k>/ per seed "
+        root: Optional[Path] = typer.Option(None, help="Study folder: <root>/<recipe key>/seed_<k>/ per seed, "
+                                            "its backbone in <root>/backbones/<backbone key>/seed_<k>/ "
                                             "(default study.root: studies/seeds)."),
         report: Optional[Path] = typer.Option(None, help="The markdown table (default study.report)."),
         json_out: Optional[Path] = typer.Option(None, "--json-out", help="The numbers, JSON (default study.metrics)."),
