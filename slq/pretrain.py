@@ -302,6 +302,9 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, *, exclude: set = frozenset(),
 
     def write(tmp: Path):
         model.save_pretrained(tmp)
+        # transformers records `local_files_only` (from HF_HUB_OFFLINE at load) in tokenizer_config.json:
+        # the environment, not the model; left in, the folder's DVC hash would depend on the shell
+        processor.tokenizer.init_kwargs.pop("local_files_only", None)
         processor.save_pretrained(tmp)
 
     write_atomic_dir(out_dir, write)

@@ -330,6 +330,8 @@ def test_llava_folder_is_plain_weights_and_saves_again(llava_dir, tmp_path):
     model = tf.AutoModelForImageTextToText.from_pretrained(str(llava_dir))
     model.save_pretrained(tmp_path / "again")
     assert (tmp_path / "again" / "config.json").is_file()
+    # HF_HUB_OFFLINE (set in tests) is the shell's, not the model's: no file of the folder records it
+    assert not [f.name for f in llava_dir.iterdir() if f.is_file() and "local_files_only" in f.read_text(errors="ignore")]
 
 
 # ---- pretraining around the real LM (LLaVA's first stage) ---------------------------------------

@@ -1,5 +1,6 @@
 """Generative pretraining of the built-in backbone (reduced size), and the knowledge split it serves."""
 
+import os
 import random
 import re
 
@@ -57,6 +58,10 @@ def test_pretraining_lowers_the_loss_and_saves_a_loadable_mllm(pretrained):
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     adapter = load_backbone(out)  # the same path a downloaded checkpoint takes
     assert adapter.model_type == "qwen3_vl" and adapter.hidden_size == 32
+    # tests run with HF_HUB_OFFLINE=1, which transformers would record in tokenizer_config.json: the
+    # folder (and its DVC hash) must not depend on the shell it was built in
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    assert not [f.name for f in out.iterdir() if f.is_file() and "local_files_only" in f.read_text(errors="ignore")]
 
 
 def test_the_pretrained_model_captions_a_training_image(pretrained):

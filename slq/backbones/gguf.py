@@ -214,6 +214,7 @@ def build_llava_on_lm(
 
     def write(tmp: Path):
         model.save_pretrained(tmp)
+        tokenizer.init_kwargs.pop("local_files_only", None)  # from HF_HUB_OFFLINE: the shell's, not the model's
         processor.save_pretrained(tmp)
         for f in tmp.iterdir():
             f.chmod(0o644)  # the weights file comes out 0600
