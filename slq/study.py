@@ -29,9 +29,9 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 
 from slq.config import Config
 from slq.io import write_json_atomic, write_text_atomic
