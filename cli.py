@@ -909,6 +909,8 @@ def study_seeds(
               "methods": ", ".join(methods), "overrides": ", ".join(set_ or []) or "none",
               "machine": "; ".join(_machine_line(json.loads(m)) for m in machines) or "not recorded",
               "code": ", ".join(sorted({str(r.get("git_commit", "unknown"))[:12] for r in res.results})),
+              "backbones": f"key {res.backbone_key}" + (f", {len(res.backbones_reused)} already pretrained"
+                                                        if res.backbones_reused else ""),
               "this run": f"ran {len(res.ran)} seed(s), reused {len(res.cached)}, {res.wall_s:.0f} s"}
     study.write_outputs(res, agg, cfg.path(report), cfg.path(json_out), header)
     if as_json:

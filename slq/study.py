@@ -323,6 +323,8 @@ class Study:
     ran: list[int] = field(default_factory=list)
     cached: list[int] = field(default_factory=list)
     failed: dict = field(default_factory=dict)  # seed -> "error (log: path)"
+    backbone_key: str = ""
+    backbones_reused: list[int] = field(default_factory=list)  # seeds run on a backbone already pretrained
     wall_s: float = 0.0
 
 
@@ -383,6 +385,7 @@ def run_study(cfg: Config, seeds, root: str | Path, *, methods=None, splits=None
                           backbone_dir=Path(cfg.path(root)) / "backbones" / bkey / f"seed_{s}") for s in seeds}
     cached = [s for s in seeds if load_result(jobs_of[s].dir / RESULT, methods, splits) is not None]
     todo = [s for s in seeds if s not in cached]
+    reused = [s for s in todo if backbone_ready(jobs_of[s])]
     t0 = time.perf_counter()
     failed = {}
     if todo:
@@ -396,7 +399,7 @@ def run_study(cfg: Config, seeds, root: str | Path, *, methods=None, splits=None
             bars.close()
     results = [r for s in seeds if (r := load_result(jobs_of[s].dir / RESULT, methods, splits)) is not None]
     return Study(key, sdir, rec, results, splits, ran=[s for s in todo if s not in failed], cached=cached,
-                 failed=failed, wall_s=time.perf_counter() - t0)
+                 failed=failed, wall_s=time.perf_counter() - t0, backbone_key=bkey, backbones_reused=reused)
 
 
 def run_one(collect: Callable, cfg: Config, job: SeedJob, step_s: dict | None = None) -> dict:

@@ -462,6 +462,7 @@ def test_cli_study_seeds(tmp_path, monkeypatch):
     assert slq["mean"] == pytest.approx(statistics.mean(vals)) and slq["sd"] == pytest.approx(statistics.stdev(vals))
     assert f"| slq | {slq['mean']:.3f} ± {slq['sd']:.3f}" in md and "| slq - full |" in md
     assert "## Backbones" in md and "ran 3 seed(s), reused 0" in md
+    assert "already pretrained" not in doc["header"]["backbones"]
     assert len(doc["results"]) == 3 and doc["recipe_key"] == doc["header"]["recipe key"].split()[0]
     assert (tmp_path / "st" / doc["recipe_key"] / "study.md").read_text() == md
     assert "Over 3 seeds" in r.output  # the rich table
@@ -475,6 +476,9 @@ def test_cli_study_seeds(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["recipe_key"] != doc["recipe_key"]
     assert pretrained_seeds() == [] and {s for s, _ in CALLS} == {0, 1}  # its methods, on the same backbones
+    head = json.loads(r.stdout)["header"]
+    assert head["backbones"].endswith(", 2 already pretrained") and head["backbones"].split()[1].rstrip(",") == \
+        doc["header"]["backbones"].split()[1]  # the same backbone key as the first study's
     # a user error is one line
     r = runner.invoke(cli.app, ["study", "seeds", "--n", "2", "--seeds", "1", *out])
     assert r.exit_code == 1 and "not both" in r.output
