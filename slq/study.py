@@ -144,7 +144,7 @@ def seed_config(cfg: Config, seed: int, seed_dir: Path, backbone_dir: Path | Non
 
 
 PRETRAIN = "pretrain"  # a seed's first step; every method's step needs its backbone
-PRETRAINED = "pretrained.json"  # the pretrain step's summary in the seed's folder
+PRETRAINED = "pretrained.json"  # the pretrain step's summary, beside the seed's backbone
 
 
 def _has_captions(kept: dict, asked: int) -> bool:
@@ -378,11 +378,12 @@ def run_study(cfg: Config, seeds, root: str | Path, *, methods=None, splits=None
     step_runner, collect = step_runner or run_step, collect or collect_seed
     rec = recipe(cfg)
     key = recipe_key(rec)
-    sdir = Path(cfg.path(root)) / key
+    base = Path(cfg.path(root))
+    sdir = base / key
     write_json_atomic(sdir / "recipe.json", rec)
     bkey = recipe_key(backbone_recipe(cfg))
     jobs_of = {s: SeedJob(s, sdir / f"seed_{s}", methods, splits, captions,
-                          backbone_dir=Path(cfg.path(root)) / "backbones" / bkey / f"seed_{s}") for s in seeds}
+                          backbone_dir=base / "backbones" / bkey / f"seed_{s}") for s in seeds}
     cached = [s for s in seeds if load_result(jobs_of[s].dir / RESULT, methods, splits) is not None]
     todo = [s for s in seeds if s not in cached]
     reused = [s for s in todo if backbone_ready(jobs_of[s])]
