@@ -911,7 +911,9 @@ def study_seeds(
               "code": ", ".join(sorted({str(r.get("git_commit", "unknown"))[:12] for r in res.results})),
               "backbones": f"key {res.backbone_key}" + (f", {len(res.backbones_reused)} already pretrained"
                                                         if res.backbones_reused else ""),
-              "this run": f"ran {len(res.ran)} seed(s), reused {len(res.cached)}, {res.wall_s:.0f} s"}
+              "this run": f"ran {len(res.ran)} seed(s), reused {len(res.cached)}, {res.wall_s:.0f} s",
+              "steps' time": f"{sum(r.get('wall_s') or 0 for r in res.results):.0f} s, summed over every seed's "
+                             "steps, in whichever run did them (steps at once share the cores)"}
     study.write_outputs(res, agg, cfg.path(report), cfg.path(json_out), header)
     if as_json:
         _print_json({"recipe_key": res.key, "header": header, **agg})

@@ -182,15 +182,18 @@ def run_step(cfg: Config, job: SeedJob, step: str, on_event: Callable | None = N
         emit("method", step)
         return
     emit("pretrain", None)
+    t0 = time.perf_counter()
     pre = pretrained(c)
     path = job.bdir / PRETRAINED
     kept = json.loads(path.read_text()) if path.is_file() else {}
     if pre["reused"] and _has_captions(kept, job.captions):
         return
     caps = caption_accuracy(Path(c.pretrain.out), c, job.captions) if job.captions else {}
-    # the machine of the process that pretrained: its thread count decides the backbone (issue 17)
+    # the machine of the process that pretrained: its thread count decides the backbone (issue 17);
+    # `seconds`: what this step cost the study named in `study` (kept for a resumed study's sums)
     write_json_atomic(path, {"pretrain": pre, "captions": caps, "captions_n": job.captions,
-                             "machine": kept.get("machine") if pre["reused"] else machine()})
+                             "machine": kept.get("machine") if pre["reused"] else machine(),
+                             "seconds": time.perf_counter() - t0, "study": _study_key(job)})
 
 
 def scores_path(job: SeedJob, method: str) -> Path:
@@ -202,12 +205,21 @@ def collect_seed(cfg: Config, job: SeedJob) -> dict:
     """A seed's result from its finished steps' files: {"scores": {method: {split: metrics}},
     "budget": {method: ...}, "pretrain": ..., "captions": ..., "machine": ...}."""
     kept = json.loads((job.bdir / PRETRAINED).read_text())
-    scores, budget = {}, {}
+    scores, budget, recorded = {}, {}, {}
+    if kept.get("study") == _study_key(job) and kept.get("seconds") is not None:
+        recorded[PRETRAIN] = kept["seconds"]  # this study pretrained it (maybe in an earlier run)
     for method in job.methods:
         got = json.loads(scores_path(job, method).read_text())
         scores[method], budget[method] = got["scores"], got["budget"]
+        if got.get("seconds") is not None:
+            recorded[method] = got["seconds"]
     return {"scores": scores, "budget": budget, "pretrain": kept["pretrain"], "captions": kept["captions"],
-            "machine": kept.get("machine") or machine()}
+            "machine": kept.get("machine") or machine(), "recorded_s": recorded}
+
+
+def _study_key(job: SeedJob) -> str:
+    """The recipe key of the study a seed's job belongs to (its folder: <root>/<key>/seed_<k>)."""
+    return Path(job.dir).parent.name
 
 
 def pretrained(cfg: Config) -> dict:
@@ -245,6 +257,7 @@ def method_scores(cfg: Config, method: str, job: SeedJob, emit: Callable) -> dic
         kept = json.loads(path.read_text())
         if all(s in kept["scores"] for s in job.splits):
             return kept
+    t0 = time.perf_counter()
     lr = cfg.train.lr if method == BASELINE else cfg.methods.lr.get(method)
     lr = cfg.train.lr if lr is None else float(lr)
     ckpt = cfg.path(cfg.methods.out) / method
@@ -253,6 +266,7 @@ def method_scores(cfg: Config, method: str, job: SeedJob, emit: Callable) -> dic
     emit("evaluate", method)
     got = {"scores": evaluate_checkpoint(cfg, ckpt, job.splits),
            "budget": {k: budget.get(k) for k in BUDGET_KEYS} | {"lr": lr}}
+    got["seconds"] = time.perf_counter() - t0  # training and scoring: kept for a resumed study's sums
     write_json_atomic(path, got)
     return got
 
@@ -405,11 +419,14 @@ def run_study(cfg: Config, seeds, root: str | Path, *, methods=None, splits=None
 
 def run_one(collect: Callable, cfg: Config, job: SeedJob, step_s: dict | None = None) -> dict:
     """A seed whose steps are done: collect its result and write it atomically (a crash leaves none).
-    `step_s` (step -> seconds it ran) is kept with it; `wall_s` is their sum."""
+    `step_s` (step -> seconds it ran in this run) is kept with it, each step's time as its own file
+    recorded it where it did (`recorded_s` from `collect`): a study resumed after an interruption
+    counts what its earlier runs did, not the seconds this run took to find it done. `wall_s` is
+    their sum: what the seed cost this study, over every run."""
     from slq.stages.register import git_commit
 
     res = collect(cfg, job)
-    step_s = dict(step_s or {})
+    step_s = dict(step_s or {}) | dict(res.pop("recorded_s", None) or {})
     # the code is not in the recipe key (a comment would void every seed): each result names its commit
     res = {"seed": job.seed, **res, "step_s": step_s, "wall_s": sum(step_s.values()),
            "git_commit": git_commit(cfg.root)}

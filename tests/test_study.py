@@ -320,6 +320,56 @@ def test_a_kill_while_writing_keeps_the_old_result(cfg, tmp_path, monkeypatch):
     assert path.read_text() == before and not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_a_resumed_seed_counts_the_time_its_earlier_runs_spent(cfg, tmp_path, monkeypatch):
+    """The real step runner and collector, the heavy parts (pretraining, training, scoring) replaced
+    by sleeps: a seed interrupted after its pretraining and SLQ's step is resumed by a second run;
+    its result counts each step's own recorded time (the pretraining and SLQ from the first run),
+    not the instant the second run took to find them done."""
+    import time
+
+    import slq.stages.methods
+    import slq.stages.train
+
+    cfg.methods.compare = ["lora"]
+    manifest = cfg.path(cfg.data.root) / cfg.data.manifest
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text("{}\n")
+    took = {"pretrain": 0.30, "slq": 0.20, "lora": 0.10}
+    crash = {"lora"}
+
+    def fake_pretrained(c):
+        time.sleep(took["pretrain"])
+        return {"loss_last10": 1.0, "fact_accuracy": 1.0, "wall_time_s": 99.0, "steps": 1, "params": 1,
+                "reused": False}
+
+    def fake_train(c, method, ckpt, **kw):
+        if method in crash:
+            raise RuntimeError("killed")
+        time.sleep(took[method])
+        return {"steps": 7, "wall_time_s": 1.0}
+
+    monkeypatch.setattr(study, "pretrained", fake_pretrained)
+    monkeypatch.setattr(slq.stages.train, "train_method", fake_train)
+    monkeypatch.setattr(slq.stages.methods, "evaluate_checkpoint",
+                        lambda c, ckpt, splits: {s: {"t2i_R@1": 0.5, "i2t_R@1": 0.5} for s in splits})
+    first = study.run_study(cfg, [0], "studies", jobs=1, progress=False)
+    assert first.results == [] and first.failed[0].startswith("lora: RuntimeError")
+    crash.clear()
+    took.update(pretrain=5.0, slq=5.0)  # were they to run again, the test would see it
+    t0 = time.perf_counter()
+    second = study.run_study(cfg, [0], "studies", jobs=1, progress=False)
+    assert time.perf_counter() - t0 < 3.0 and second.ran == [0]
+    got = second.results[0]["step_s"]
+    assert set(got) == {"pretrain", "slq", "lora"}
+    assert 0.30 <= got["pretrain"] < 2.0 and 0.20 <= got["slq"] < 2.0 and 0.10 <= got["lora"] < 2.0
+    assert second.results[0]["wall_s"] == pytest.approx(sum(got.values()))
+    # another study on the same backbones (a new method recipe) did not pretrain: not its time
+    cfg.methods.lr = dict(cfg.methods.lr, lora=0.5)
+    took.update(slq=0.0)
+    third = study.run_study(cfg, [0], "studies", jobs=1, progress=False)
+    assert third.key != second.key and set(third.results[0]["step_s"]) == {"slq", "lora"}
+
+
 def test_a_seed_without_a_newly_asked_method_reruns(cfg):
     study.run_study(cfg, range(2), "studies", methods=["slq", "lora"], jobs=1, **FAKE)
     CALLS.clear()
@@ -462,6 +512,8 @@ def test_cli_study_seeds(tmp_path, monkeypatch):
     assert slq["mean"] == pytest.approx(statistics.mean(vals)) and slq["sd"] == pytest.approx(statistics.stdev(vals))
     assert f"| slq | {slq['mean']:.3f} ± {slq['sd']:.3f}" in md and "| slq - full |" in md
     assert "## Backbones" in md and "ran 3 seed(s), reused 0" in md
+    summed = sum(r["wall_s"] for r in doc["results"])
+    assert doc["header"]["steps' time"].startswith(f"{summed:.0f} s, summed")
     assert "already pretrained" not in doc["header"]["backbones"]
     assert len(doc["results"]) == 3 and doc["recipe_key"] == doc["header"]["recipe key"].split()[0]
     assert (tmp_path / "st" / doc["recipe_key"] / "study.md").read_text() == md
