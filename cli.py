@@ -860,7 +860,10 @@ def study_seeds(
         seeds: Optional[list[int]] = typer.Option(None, "--seeds", help="These seeds instead of --n, e.g. --seeds 0 1 2."),
         jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Steps at once (a seed's pretraining, "
                                            "or one method's training and scoring), one process each with cores // "
-                                           "jobs torch threads (default: one per core; 1 on a GPU)."),
+                                           "jobs torch threads (default: one per core; 1 on a GPU). A model held "
+                                           "back by memory bandwidth may run faster with fewer (the real LM on 2 "
+                                           "cores: --jobs 1, docs/methods.md); the thread count changes the "
+                                           "backbone, so keep a study's setting when resuming it."),
         method: Optional[list[str]] = typer.Option(None, "--method", help="Methods (repeatable; default slq and "
                                                    "methods.compare)."),
         metric: Optional[list[str]] = typer.Option(None, "--metric", help="Metrics in the table (repeatable; "
