@@ -203,7 +203,8 @@ def scores_path(job: SeedJob, method: str) -> Path:
 
 def collect_seed(cfg: Config, job: SeedJob) -> dict:
     """A seed's result from its finished steps' files: {"scores": {method: {split: metrics}},
-    "budget": {method: ...}, "pretrain": ..., "captions": ..., "machine": ...}."""
+    "budget": {method: ...}, "pretrain": ..., "captions": ..., "machine": ..., "recorded_s": {step:
+    seconds its file recorded (the pretraining only when this study did it)}}."""
     kept = json.loads((job.bdir / PRETRAINED).read_text())
     scores, budget, recorded = {}, {}, {}
     if kept.get("study") == _study_key(job) and kept.get("seconds") is not None:
