@@ -14,7 +14,10 @@ backbone is kept apart, under `<root>/backbones/<backbone key>/seed_<k>/`, keyed
 it (the data and the pretraining recipe) only: a study that changes a method's recipe (the query
 count, the training budget, a prompt) trains its methods on the backbones already pretrained.
 Each method's scores are kept as they finish, so a seed that crashed resumes where it stopped.
-Every file is written whole or not at all (temp file, then rename).
+Every file is written whole or not at all (temp file, then rename). The results, the methods'
+scores and `recipe.json` (a few KB a seed) are versioned in git, the backbones, checkpoints and
+caches are not (the project's .gitignore): a study resumes from a fresh clone, in another
+session or on a teammate's machine, without rerunning a finished seed.
 
 `aggregate` is a pure function of the per-seed results: for every method, split and metric the
 mean, the standard deviation and a 95% Student-t interval over seeds (n - 1 degrees of freedom),

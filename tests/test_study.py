@@ -548,3 +548,34 @@ def test_cli_study_seeds(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert (tmp_path / "r2" / "s.md").is_file() and json.loads((tmp_path / "m2" / "s.json").read_text())["n"] == 1
     assert len(list((tmp_path / "st2").glob("*/seed_0/result.json"))) == 1
+
+
+def test_a_study_resumes_from_what_git_keeps(cfg, tmp_path):
+    """Finished seeds' results, their methods' scores and the recipe are versioned (the project's
+    .gitignore), the backbones, checkpoints and caches are not: a fresh clone (another session, a
+    teammate) reruns no finished seed."""
+    import shutil
+    import subprocess
+
+    first = study.run_study(cfg, range(2), cfg.study.root, jobs=1, **FAKE)
+    root = tmp_path / cfg.study.root  # the default root, studies/seeds
+    seed0 = root / first.key / "seed_0"
+    bulky = [seed0 / "checkpoints" / "slq" / "queries.safetensors", seed0 / "work" / "state.pt",
+             seed0 / "embed_cache" / "x.npy", root / "backbones" / first.backbone_key / "seed_0"
+             / "backbone" / "model.safetensors"]
+    for p in [*bulky, seed0 / "scores" / "slq.json"]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("{}")
+    shutil.copy(Path(__file__).resolve().parents[1] / ".gitignore", tmp_path / ".gitignore")
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+    git("init", "-q")
+    kept = {line[3:] for line in git("status", "--porcelain", "--untracked-files=all").splitlines()}
+    at = f"{cfg.study.root}/{first.key}"
+    want = {f"{at}/recipe.json", f"{at}/seed_0/scores/slq.json", *(f"{at}/seed_{s}/{study.RESULT}" for s in range(2))}
+    assert {k for k in kept if k.startswith("studies/")} == want
+    git("clean", "-fdqX")  # what a fresh clone has: only what git keeps
+    assert not any(p.exists() for p in bulky) and not (root / "backbones").exists()
+    CALLS.clear()
+    again = study.run_study(cfg, range(3), cfg.study.root, jobs=1, **FAKE)
+    assert again.cached == [0, 1] and again.ran == [2] and pretrained_seeds() == [2]
+    assert [r["scores"] for r in again.results[:2]] == [r["scores"] for r in first.results]
