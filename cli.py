@@ -74,6 +74,10 @@ def _fail(msg: str, code: int = 1):
     # on stderr (stdout stays clean for --json); soft_wrap: no line breaks inside paths;
     # escape: brackets in the message are text, not markup
     _console(stderr=True).print(f"[bold red]error:[/] {where}{escape(msg)}", soft_wrap=True)
+    sys.stderr.flush()
+    train = sys.modules.get("slq.train")
+    if train is not None:  # the ranks agreed on a failed check: wait until each has printed its own
+        train.release_ranks()
     raise typer.Exit(code)
 
 
@@ -137,10 +141,11 @@ def _table(title: str, rows: list[dict], columns: list[str] | None = None, keep:
 
 
 def _rank_errors() -> tuple:
-    """slq.train's errors across ranks (rank 0 failed; ranks see different files), once it is loaded:
-    evaluated when an exception is matched, so stages that never import torch do not pay for it."""
+    """slq.train's errors across ranks (rank 0 failed; ranks see different files; another rank's checks
+    failed), once it is loaded: evaluated when an exception is matched, so stages that never import
+    torch do not pay for it."""
     train = sys.modules.get("slq.train")
-    return (train.RankZeroFailed, train.RanksDisagree) if train is not None else ()
+    return (train.RankZeroFailed, train.RanksDisagree, train.OtherRankFailed) if train is not None else ()
 
 
 def _run_stages(cfg, names: list[str], method: Optional[str] = None, runner=None):

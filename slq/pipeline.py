@@ -48,16 +48,30 @@ def run_stage(name: str, cfg: Config, method: str | None = None) -> dict:
     from slq import tracking
 
     module = importlib.import_module(f"slq.stages.{name}") if name != "register" else None
-    if hasattr(module, "precheck"):  # bad settings fail before the MLflow run opens (and on every rank)
-        module.precheck(cfg)
     track = cfg.register.track_stages
-    with tracking.stage_run(cfg, name) if track else _no_run() as run:
-        result = _dispatch(name, cfg, method)
-        if run is not None and name != "register":  # register logs its own run in full
-            tracking.log_summary(result)
+    with _stage_group(module):
+        if hasattr(module, "precheck"):  # bad settings fail before the MLflow run opens, on every rank
+            from slq.train import check_on_every_rank  # (under torchrun the ranks agree on it)
+
+            check_on_every_rank(lambda: module.precheck(cfg), f"stage {name}'s checks")
+        with tracking.stage_run(cfg, name) if track else _no_run() as run:
+            result = _dispatch(name, cfg, method)
+            if run is not None and name != "register":  # register logs its own run in full
+                tracking.log_summary(result)
     if track and name == "register":
         tracking.finish_parent(cfg)  # the last stage: the pipeline's MLflow run is complete
     return result
+
+
+def _stage_group(module):
+    """Under torchrun, the process group of a stage with checks (`precheck`): joined once, for the
+    checks and the stage alike (a torch stage's own `distributed_from_env` then leaves it alone),
+    because a gloo group torn down and made again at once can miss its peers. Elsewhere nothing."""
+    if not hasattr(module, "precheck"):
+        return _no_run()
+    from slq.train import distributed_from_env
+
+    return distributed_from_env()
 
 
 def _no_run():

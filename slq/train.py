@@ -358,7 +358,7 @@ def distributed_from_env():
     try:
         yield
     finally:
-        if created and is_distributed():
+        if created and is_distributed() and not _held_for_report:  # else release_ranks() tears it down
             torch.distributed.destroy_process_group()
 
 
@@ -393,6 +393,68 @@ def on_rank_zero(fn: Callable[[], object], what: str):
         return value
     finally:
         dist.destroy_process_group(group)
+
+
+class OtherRankFailed(RuntimeError):
+    """Raised on a rank whose own checks passed when another rank's failed (`check_on_every_rank`)."""
+
+
+_held_for_report = False  # a group `check_on_every_rank` left up so every rank prints before any exits
+
+
+def check_on_every_rank(check: Callable[[], object], what: str):
+    """Run `check` (a stage's fast checks of settings and inputs) on every rank; the ranks agree on the
+    outcome before any of them goes on or stops. Returns check()'s result on this rank.
+
+    Under torchrun a rank that fails and exits makes torchrun stop the others at once (SIGTERM), often
+    before they can print why, and a rank whose checks passed would go on and wait for the failed one.
+    So the ranks exchange their outcomes first (one all_gather in the process group: call it inside
+    `distributed_from_env`). When any rank failed, every rank raises: a failed rank its own error,
+    the others `OtherRankFailed` naming the failed ranks and their errors. The group is then kept up
+    (also past `distributed_from_env`) until the caller has reported the error and called
+    `release_ranks()`, a barrier: no rank exits before every rank has said why (the CLI does this).
+    In a single process (WORLD_SIZE unset or 1) it is a plain call.
+    """
+    global _held_for_report
+    if not is_distributed():
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise RuntimeError("check_on_every_rank under torchrun needs the process group: call it inside "
+                               "distributed_from_env()")
+        return check()
+    dist = torch.distributed
+    error, result = None, None
+    try:
+        result = check()
+    except Exception as e:  # noqa: BLE001 - told to the other ranks, then raised here
+        error = e
+    seen: list = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, None if error is None else f"{type(error).__name__}: {error}")
+    failed = {r: msg for r, msg in enumerate(seen) if msg is not None}
+    if not failed:
+        return result
+    _held_for_report = True  # distributed_from_env leaves the group up for release_ranks()
+    if error is not None:
+        raise error
+    listing = "; ".join(f"rank {r}: {msg}" for r, msg in failed.items())
+    raise OtherRankFailed(f"stopped, because {what} failed on {'rank' if len(failed) == 1 else 'ranks'} "
+                          f"{', '.join(map(str, failed))} ({listing})")
+
+
+def release_ranks() -> None:
+    """After a `check_on_every_rank` failure has been reported: wait until every rank has reported
+    its own (a barrier), then tear the group down. A no-op when no group is held for that."""
+    global _held_for_report
+    if not _held_for_report:
+        return
+    _held_for_report = False
+    try:
+        if is_distributed():
+            torch.distributed.barrier()
+    except Exception:  # noqa: BLE001 - a rank already gone (it crashed): nothing left to wait for
+        pass
+    finally:
+        if is_distributed():
+            torch.distributed.destroy_process_group()
 
 
 def agree(value, what: str):

@@ -96,8 +96,8 @@ def data_hash(cfg: Config) -> str:
 
 
 def precheck(cfg: Config) -> None:
-    """What fails at once on every rank, before anything slow (MLflow, the model) starts: under
-    torchrun a rank that is still busy when another fails is killed before it can say why."""
+    """What fails at once, before anything slow (MLflow, the model) starts. Under torchrun the
+    pipeline runs it on every rank through `slq.train.check_on_every_rank`, so every rank says why."""
     split_rows(cfg, "train")
     backbone_missing(cfg)
 
@@ -126,18 +126,23 @@ def train_method(cfg: Config, method: str, out: Path, *, lr: float, metrics_path
     conditions they were measured under: CPU threads, and how many methods ran at once
     (`side_by_side`, set by the methods stage). `on_step` and `progress` go to `slq.train.fit`.
     """
-    from slq.train import check_enough_data, distributed_from_env, world_size
+    from slq.train import check_enough_data, check_on_every_rank, distributed_from_env, world_size
 
-    # Under torchrun: every rank checks the data and the backbone folder before the process group
-    # exists (a bad setting fails on every rank, nothing waits), then rank 0 alone pretrains the
-    # built-in backbone, and rank 0 alone writes the outputs while the others wait.
+    # Under torchrun: every rank checks the data and the backbone folder, and the ranks agree on the
+    # outcome (a bad setting stops every rank, each saying why; nothing waits), then rank 0 alone
+    # pretrains the built-in backbone, and rank 0 alone writes the outputs while the others wait.
     root = cfg.path(cfg.data.root)
-    data = [{"image": root / r["image"], "caption": r["caption"], "id": r["id"]} for r in split_rows(cfg, "train")]
-    backbone_missing(cfg)
     global_batch = cfg.train.batch_size * world_size()
-    if method != "zero_shot":  # as fit() checks it, but before any rank waits
-        check_enough_data(len(data), global_batch)
+
+    def checks() -> list[dict]:
+        rows = [{"image": root / r["image"], "caption": r["caption"], "id": r["id"]} for r in split_rows(cfg, "train")]
+        backbone_missing(cfg)
+        if method != "zero_shot":  # as fit() checks it, but before any rank waits
+            check_enough_data(len(rows), global_batch)
+        return rows
+
     with distributed_from_env():
+        data = check_on_every_rank(checks, f"the checks before training {method}")
         return _train_method(cfg, method, out, data, lr=lr, metrics_path=metrics_path, history_path=history_path,
                              on_step=on_step, progress=progress, side_by_side=side_by_side)
 
