@@ -8,6 +8,7 @@ helpers' "rank 0 does it, the others wait" logic, under a 2-rank gloo group.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -53,8 +54,22 @@ def _stage(params: Path, tag: str, batch: int, ranks: int = 0, extra: tuple = ()
     args += list(extra)
     # --tee 3: every line of rank r's stdout and stderr comes prefixed with [default<r>]:
     launch = (_torchrun() + ["--standalone", f"--nproc_per_node={ranks}", "--tee", "3"]) if ranks else [sys.executable]
-    return subprocess.run(launch + args, cwd=params.parent, env=_env(), capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    # a run past TIMEOUT is stopped with its ranks: SIGTERM, which torchrun passes on to them (they run
+    # in sessions of their own; a SIGKILL of torchrun alone would leave them waiting in a collective,
+    # on the cores the rest of the suite needs)
+    proc = subprocess.Popen(launch + args, cwd=params.parent, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        pytest.fail(f"{' '.join(launch + args)} ran past {TIMEOUT} s (stopped, with its ranks)\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(launch + args, proc.returncode, out, err)
 
 
 def _ok(res: subprocess.CompletedProcess):
