@@ -163,7 +163,6 @@ def test_missing_backbone_is_an_error_on_every_rank(project):
     out = res.stdout + res.stderr
     assert res.returncode != 0
     flat = " ".join(out.split())
-    assert "stage train: backbone directory" in flat, out[-3000:]
     # each rank says what is wrong: the ranks agree on the failed check, and none exits before all have
     # printed (torchrun may still SIGTERM a rank that is shutting down after it printed: harmless)
     for rank in (0, 1):
