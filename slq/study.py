@@ -14,7 +14,9 @@ backbone is kept apart, under `<root>/backbones/<backbone key>/seed_<k>/`, keyed
 it (the data and the pretraining recipe) only: a study that changes a method's recipe (the query
 count, the training budget, a prompt) trains its methods on the backbones already pretrained.
 Each method's scores are kept as they finish, so a seed that crashed resumes where it stopped.
-Every file is written whole or not at all (temp file, then rename). The results, the methods'
+Every file is written whole or not at all (temp file, then rename). Every step runs on the code
+the study started with (`SameCode`): an edit to slq while a study runs fails the steps after it,
+by name, instead of mixing two versions of the code in one result. The results, the methods'
 scores and `recipe.json` (a few KB a seed) are versioned in git, the backbones, checkpoints and
 caches are not (the project's .gitignore): a study resumes from a fresh clone, in another
 session or on a teammate's machine, without rerunning a finished seed.
@@ -393,7 +395,7 @@ def run_study(cfg: Config, seeds, root: str | Path, *, methods=None, splits=None
         comparison_benchmarks(cfg, splits)
     except ValueError as e:
         raise ConfigError(f"{e} (--split / methods.benchmarks)") from None
-    step_runner, collect = step_runner or run_step, collect or collect_seed
+    step_runner, collect = SameCode(step_runner or run_step, CODE_ROOT), collect or collect_seed
     rec = recipe(cfg)
     key = recipe_key(rec)
     base = Path(cfg.path(root))
@@ -419,6 +421,55 @@ def run_study(cfg: Config, seeds, root: str | Path, *, methods=None, splits=None
     results = [r for s in seeds if (r := load_result(jobs_of[s].dir / RESULT, methods, splits)) is not None]
     return Study(key, sdir, rec, results, splits, ran=[s for s in todo if s not in failed], cached=cached,
                  failed=failed, wall_s=time.perf_counter() - t0, backbone_key=bkey, backbones_reused=reused)
+
+
+CODE_ROOT = Path(__file__).resolve().parent  # the slq package: what every step of a study must run
+
+
+class CodeChanged(RuntimeError):
+    """The slq package's sources differ from those the study started with."""
+
+
+def code_state(root: Path) -> dict:
+    """{path under `root`: sha256 of its bytes} for every Python source of the package."""
+    return {f.relative_to(root).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(Path(root).rglob("*.py"))}
+
+
+class SameCode:
+    """A step runner that runs only on the code the study started with. A step runs in a process
+    that imports slq's modules as it needs them: edited while a study runs, a step would mix two
+    versions of the code (or fail at an import, as happened once). So every step checks the sources
+    against the study's snapshot when it starts, and again when it ends; a step that ended on other
+    code has its finished marks removed (its scores, or its backbone's), so no result of mixed code
+    is kept or reused."""
+
+    def __init__(self, runner: Callable, root: Path):
+        self.runner, self.root = runner, Path(root)
+        self.state = code_state(self.root)
+
+    def check(self, job: SeedJob, step: str, when: str) -> None:
+        now = code_state(self.root)
+        if now == self.state:
+            return
+        changed = sorted(k for k in self.state.keys() | now.keys() if self.state.get(k) != now.get(k))
+        raise CodeChanged(
+            f"seed {job.seed} {step}: slq's code changed since the study started ({', '.join(changed[:5])}"
+            f"{', ...' if len(changed) > 5 else ''} under {self.root}), {when}: its steps would run two versions "
+            "of the code. Run a long study from a tree nobody edits (`git worktree add ../slq-study HEAD`, "
+            "then run it there) and rerun it: the finished steps are kept.")
+
+    def __call__(self, cfg: Config, job: SeedJob, step: str, on_event: Callable | None = None) -> None:
+        self.check(job, step, "before the step started")
+        self.runner(cfg, job, step, on_event)
+        try:
+            self.check(job, step, "while the step ran; its output is not kept")
+        except CodeChanged:
+            marks = ([job.bdir / PRETRAINED, job.bdir / "backbone" / "pretrain.json"] if step == PRETRAIN
+                     else [scores_path(job, step)])
+            for m in marks:
+                m.unlink(missing_ok=True)
+            raise
 
 
 def run_one(collect: Callable, cfg: Config, job: SeedJob, step_s: dict | None = None) -> dict:

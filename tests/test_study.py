@@ -303,6 +303,47 @@ def test_crashed_seed_leaves_no_result_and_reruns(cfg, tmp_path):
     assert pretrained_seeds() == [1] and not again.failed and len(again.results) == 3
 
 
+def editing_step(cfg, job, step, on_event=None):
+    """fake_step that also leaves a method's real finished mark (`scores/<method>.json`), and edits the
+    (stand-in) code package while the step `cfg._edit_at` runs, as a developer saving a file would."""
+    fake_step(cfg, job, step, on_event)
+    if step != "pretrain":
+        study.scores_path(job, step).parent.mkdir(parents=True, exist_ok=True)
+        study.scores_path(job, step).write_text("{}")
+    if (job.seed, step) == getattr(cfg, "_edit_at", None):
+        (study.CODE_ROOT / "train.py").write_text("# edited while the study ran\n")
+
+
+@pytest.mark.parametrize("step", ["pretrain", "lora"])
+def test_code_edited_while_a_study_runs_fails_its_steps_and_keeps_no_mixed_result(cfg, tmp_path, monkeypatch,
+                                                                                   step):
+    code = tmp_path / "pkg"
+    (code / "stages").mkdir(parents=True)
+    (code / "train.py").write_text("x = 1\n")
+    (code / "stages" / "train.py").write_text("y = 2\n")
+    monkeypatch.setattr(study, "CODE_ROOT", code)
+    cfg._edit_at = (0, step)
+    s = study.run_study(cfg, range(2), "studies", jobs=1, step_runner=editing_step, collect=fake_collect,
+                        progress=False)
+    assert s.results == [] and sorted(s.failed) == [0, 1]
+    assert "seed 0 " + step + ": slq's code changed since the study started (train.py under" in s.failed[0]
+    assert "while the step ran; its output is not kept" in s.failed[0] and "git worktree" in s.failed[0]
+    assert "seed 1 pretrain" in s.failed[1] and "before the step started" in s.failed[1]
+    assert (0, "full") not in CALLS and (1, "pretrain") not in CALLS  # nothing ran after the edit
+    seed0 = tmp_path / "studies" / s.key / "seed_0"
+    bdir = tmp_path / "studies" / "backbones" / study.recipe_key(study.backbone_recipe(cfg)) / "seed_0"
+    assert (bdir / study.PRETRAINED).is_file() == (step != "pretrain")  # the step's finished mark is gone
+    assert not (seed0 / "scores" / f"{step}.json").exists()
+    if step == "lora":
+        assert (seed0 / "scores" / "slq.json").is_file()  # a step that ran before the edit is kept
+    CALLS.clear()
+    cfg._edit_at = None
+    again = study.run_study(cfg, range(2), "studies", jobs=1, step_runner=editing_step, collect=fake_collect,
+                            progress=False)  # the code as it is now, unchanged while it runs
+    assert not again.failed and [r["seed"] for r in again.results] == [0, 1]
+    assert ((0, "pretrain") in CALLS) == (step == "pretrain") and (0, "lora") in CALLS
+
+
 def test_a_kill_while_writing_keeps_the_old_result(cfg, tmp_path, monkeypatch):
     study.run_study(cfg, [0], "studies", jobs=1, **FAKE)
     path = next((tmp_path / "studies").rglob(study.RESULT))
