@@ -133,7 +133,7 @@ def seed_config(cfg: Config, seed: int, seed_dir: Path, backbone_dir: Path | Non
     d = Path(seed_dir).resolve()
     b = Path(backbone_dir).resolve() if backbone_dir is not None else d
     c.pretrain.seed = seed
-    c.pretrain.out = c.backbone.path = str(b / "backbone")
+    c.pretrain.out = c.backbone.path = str(b / BACKBONE)
     c.backbone.builtin = True
     c.pretrain.metrics, c.pretrain.history = str(b / "pretrain.json"), str(b / "pretrain_history.csv")
     c.train.work_dir = str(d / "work")
@@ -148,6 +148,7 @@ def seed_config(cfg: Config, seed: int, seed_dir: Path, backbone_dir: Path | Non
     return c
 
 
+BACKBONE = "backbone"  # the model folder (`pretrain.out`) in a seed's backbone dir; its pretrain.json marks it finished
 PRETRAIN = "pretrain"  # a seed's first step; every method's step needs its backbone
 PRETRAINED = "pretrained.json"  # the pretrain step's summary, beside the seed's backbone
 
@@ -465,7 +466,7 @@ class SameCode:
         try:
             self.check(job, step, "while the step ran; its output is not kept")
         except CodeChanged:
-            marks = ([job.bdir / PRETRAINED, job.bdir / "backbone" / "pretrain.json"] if step == PRETRAIN
+            marks = ([job.bdir / PRETRAINED, job.bdir / BACKBONE / "pretrain.json"] if step == PRETRAIN
                      else [scores_path(job, step)])
             for m in marks:
                 m.unlink(missing_ok=True)
