@@ -22,10 +22,8 @@ Needs the world data (`slq data generate`). Writes only under a temporary folder
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -55,22 +53,15 @@ def one_run(steps: int, threads: int, out: Path) -> dict:
 
     torch.set_num_threads(threads)
     from slq.config import load_config
+    from slq.io import file_sha256
     from slq.pretrain import pretrain
     from slq.stages.pretrain import held_out_scenes
 
     cfg = load_config(ROOT / "params.yaml", {"pretrain.steps": steps})
     res = pretrain(cfg.pretrain, out, exclude=held_out_scenes(cfg), root=cfg.path("."))
-    weights = out / "model.safetensors"
-    return {"sha256": hashlib.sha256(weights.read_bytes()).hexdigest()[:16],
+    return {"sha256": file_sha256(out / "model.safetensors")[:16],
             "last_loss": res.history[-1]["loss"], "wall_s": round(res.wall_time_s, 1),
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main() -> None:
@@ -99,12 +90,10 @@ def main() -> None:
           + ", ".join(r["setting"] for r in rows[1:] if r["sha256"] == base))
     print("other weights: " + ", ".join(r["setting"] for r in rows[1:] if r["sha256"] != base))
     if a.out:
-        import torch
+        from slq.io import write_json_atomic
+        from slq.study import machine
 
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps({"steps": a.steps, "cpu": cpu_name(), "cores": os.cpu_count(),
-                                     "torch": torch.__version__, "platform": platform.platform(),
-                                     "rows": rows}, indent=1) + "\n")
+        write_json_atomic(a.out, {"steps": a.steps, "machine": machine(), "rows": rows})
 
 
 if __name__ == "__main__":
