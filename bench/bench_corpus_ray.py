@@ -74,7 +74,7 @@ def build_checkpoint(root: Path) -> tuple[Path, str]:
         shutil.copytree(builtin, backbone)
         what = "built-in tiny Qwen3-VL (models/tiny-qwen3-vl)"
     else:
-        from slq.backbones.tiny import build_tiny_backbone
+        from slq.miniature.tiny import build_tiny_backbone
 
         build_tiny_backbone("qwen3_vl", backbone)
         what = "random tiny Qwen3-VL (build_tiny_backbone)"
@@ -105,7 +105,7 @@ def main():
 
     import ray
 
-    from slq.corpus.embed import EmbedJob, embed_corpus
+    from slq.mlops.corpus.embed import EmbedJob, embed_corpus
 
     root = Path(tempfile.mkdtemp(prefix="bench_corpus_"))
     try:

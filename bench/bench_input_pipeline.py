@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from slq.backbones.tiny import build_tiny_backbone  # noqa: E402
+from slq.miniature.tiny import build_tiny_backbone  # noqa: E402
 from slq.encoder import SLQEncoder  # noqa: E402
 from slq.train import FitConfig, fit  # noqa: E402
 

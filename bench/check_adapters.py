@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from slq.backbones.tiny import TINY_TYPES, build_tiny_backbone  # noqa: E402
+from slq.miniature.tiny import TINY_TYPES, build_tiny_backbone  # noqa: E402
 from slq.encoder import SLQEncoder  # noqa: E402
 
 IMAGES = [Image.new("RGB", (60, 90), "red"), Image.new("RGB", (120, 60), "blue"), Image.new("RGB", (56, 56), "green")]

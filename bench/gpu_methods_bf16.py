@@ -75,18 +75,17 @@ def build(folder: Path, tiny: bool, device: str, dtype: torch.dtype, max_pixels:
 
 def run_method(folder, method: str, split: bool, args, dtype) -> dict:
     from slq.backbones.base import Prompts
-    from slq.encoder import SLQEncoder
-    from slq.methods import LoraSpec, MethodEncoder
+    from slq.methods import LoraSpec, get_method
     from slq.queries import LatentQueries
     from slq.train import FitConfig, TrainingDiverged, fit
 
     adapter = build(folder, args.tiny, args.device, dtype, args.max_pixels or None)
+    klass = get_method(method)
     q = None
-    if method == "slq":
+    if klass.poolings[0] == "queries":
         q = LatentQueries(20, adapter.hidden_size)
         q.reset_random(torch.Generator().manual_seed(0))
-    enc = (SLQEncoder(adapter, q, Prompts()) if method == "slq"
-           else MethodEncoder(adapter, q, Prompts(), method=method, lora=LoraSpec() if method == "lora" else None))
+    enc = klass(adapter, q, Prompts(), lora=LoraSpec())  # (methods other than lora ignore `lora`)
     lr = {"slq": 5e-4, "lora": 2e-4, "full": 1e-5}[method]
     cfg = FitConfig(steps=args.steps, batch_size=args.batch, lr=lr, warmup_steps=1, save_every=10**9,
                     split_forward=split, num_workers=args.workers)

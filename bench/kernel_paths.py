@@ -52,10 +52,10 @@ def one_run(steps: int, threads: int, out: Path) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from slq.config import load_config
+    from slq.mlops.config import load_config
     from slq.io import file_sha256
-    from slq.pretrain import pretrain
-    from slq.stages.pretrain import held_out_scenes
+    from slq.miniature.pretrain import pretrain
+    from slq.miniature.build import held_out_scenes
 
     cfg = load_config(ROOT / "params.yaml", {"pretrain.steps": steps})
     res = pretrain(cfg.pretrain, out, exclude=held_out_scenes(cfg), root=cfg.path("."))
@@ -91,7 +91,7 @@ def main() -> None:
     print("other weights: " + ", ".join(r["setting"] for r in rows[1:] if r["sha256"] != base))
     if a.out:
         from slq.io import write_json_atomic
-        from slq.study import machine
+        from slq.miniature.study import machine
 
         write_json_atomic(a.out, {"steps": a.steps, "machine": machine(), "rows": rows})
 

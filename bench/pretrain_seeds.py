@@ -1,6 +1,6 @@
 """How much of the built-in result is the pretraining seed's?
 
-A thin caller of the seed study (slq/study.py, also `slq study seeds`): pretrains the built-in
+A thin caller of the seed study (slq/miniature/study.py, also `slq study seeds`): pretrains the built-in
 backbone with other seeds (the pretrain stage's own code and params.yaml, only `pretrain.seed` and
 any --set values changed), trains each method on it with the default budget and scores it on the
 world's plain and knowledge-aware test sets, through the same functions as the `train`, `methods`
@@ -64,14 +64,15 @@ def table(rows: list[dict]) -> str:
 
 
 def main():
-    from slq import study
-    from slq.config import load_config, parse_set
+    from slq.methods import METHODS
+    from slq.miniature import study
+    from slq.mlops.config import load_config, parse_set
     from slq.io import write_json_atomic
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=["slq", "lora", "full"],
-                    choices=["slq", "zero_shot", "lora", "full"])
+                    choices=list(METHODS))
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     ap.add_argument("--work", type=Path, default=Path("/tmp/slq-pretrain-seeds"))
     ap.add_argument("--jobs", type=int, default=1, help="seeds at once, one process each (default 1)")

@@ -1,7 +1,7 @@
 """Which everyday facts does the frozen LM know? (issue 17, item 2)
 
 Ranks the world's answer words after each cue's question by the LM's own log-likelihood
-(slq.knowledge.probe) and reports, per colour, shape and count, the cues it knows.
+(slq.miniature.knowledge.probe) and reports, per colour, shape and count, the cues it knows.
 
     PYTHONPATH=. python bench/probe_lm_knowledge.py --gguf models/SmolLM2-135M-Instruct.Q4_1.gguf \
         --out bench/results/lm_knowledge_smollm2.json
@@ -30,8 +30,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="JSON with every row")
     args = ap.parse_args(argv)
 
-    from slq import knowledge
-    from slq.backbones.gguf import load_lm_folder
+    from slq.miniature import knowledge
+    from slq.miniature.smollm2 import load_lm_folder
 
     t0 = time.perf_counter()
     model, tok = load_lm_folder(args.gguf)

@@ -2,9 +2,9 @@
 
     data -> validate -> pretrain -> train -> embed -> index -> evaluate -> methods -> compare -> register
 
-The tasks call the same `slq.pipeline.run_stage` as dvc.yaml and the CLI, and in a DVC project
+The tasks call the same `slq.mlops.runner.run_stage` as dvc.yaml and the CLI, and in a DVC project
 they mean what `dvc repro` means: a stage whose deps, params and outs match dvc.lock is skipped,
-one that ran is recorded in dvc.lock (slq.lineage), so a nightly run retrains nothing when nothing
+one that ran is recorded in dvc.lock (slq.mlops.lineage), so a nightly run retrains nothing when nothing
 changed and leaves `dvc status` clean. A failed training task retries and resumes from its last
 periodic checkpoint; a failed validation never retries (the data will not fix itself). The flow
 publishes the metrics as a table artifact.
@@ -17,7 +17,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from slq.pipeline import STAGES, prepare, run_or_skip
+from slq.mlops.runner import STAGES, prepare, run_or_skip
 
 RETRIES = {"validate": 0, "pretrain": 1, "train": 1, "embed": 1, "index": 2, "evaluate": 1, "methods": 1,
            "compare": 1, "register": 2}
@@ -25,8 +25,8 @@ RETRIES = {"validate": 0, "pretrain": 1, "train": 1, "embed": 1, "index": 2, "ev
 
 def _retryable(task_, task_run, state) -> bool:
     """Retry unless the failure is bad data or bad config (which a retry cannot fix)."""
-    from slq.config import ConfigError
-    from slq.stages.validate import ValidationFailed
+    from slq.mlops.config import ConfigError
+    from slq.mlops.validation import ValidationFailed
 
     try:
         state.result()
@@ -41,7 +41,7 @@ def _stage_task(name: str):
     @task(name=name, retries=RETRIES[name], retry_delay_seconds=2, retry_condition_fn=_retryable)
     def stage_task(cfg, dvc: bool = False):
         """Run the stage; with `dvc`, skip it when DVC says it is up to date and record it in
-        dvc.lock when it ran, as `dvc repro` would (slq.pipeline.run_or_skip)."""
+        dvc.lock when it ran, as `dvc repro` would (slq.mlops.runner.run_or_skip)."""
         log = get_run_logger()
         log.info("stage %s", name)
         return run_or_skip(name, cfg, dvc, log=log.info)
@@ -66,7 +66,7 @@ def parse_overrides(overrides: dict | list[str] | None) -> dict:
     """The flow's overrides as typed values: a string value is parsed as YAML, as `--set` does on the
     CLI ({"train.steps": "50"} -> 50, "[1, 5]" -> a list), so a deployment run typed in the UI and
     `slq flow run --set` mean the same; a list of "section.key=value" strings is accepted too."""
-    from slq.config import parse_set, parse_value
+    from slq.mlops.config import parse_set, parse_value
 
     if isinstance(overrides, (list, tuple)):
         return parse_set(overrides)

@@ -2,7 +2,7 @@
 
     from slq import SLQEncoder, fit, FitConfig
 
-Names are resolved lazily so that `import slq.config` (the CLI) does not import torch.
+Names are resolved lazily so that `import slq.mlops.config` (the CLI) does not import torch.
 """
 
 __version__ = "0.1.0"
@@ -15,7 +15,7 @@ _LAZY = {
     "ContrastiveLoss": "slq.loss",
     "LatentQueries": "slq.queries",
     "load_backbone": "slq.backbones",
-    "build_tiny_backbone": "slq.backbones.tiny",
+    "build_tiny_backbone": "slq.miniature.tiny",
 }
 __all__ = sorted(_LAZY)
 

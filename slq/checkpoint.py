@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING
 from slq.io import file_sha256, write_atomic_dir
 
 WEIGHTS = "queries.safetensors"
-LLM_WEIGHTS = "llm.safetensors"  # lora/full checkpoints: the LLM weights the method changed
+LLM_WEIGHTS = "llm.safetensors"  # the LLM weights the method changed (methods that train some)
 MANIFEST = "slq.json"
 FORMAT = "slq-queries/1"
+LEGACY_METHOD = "slq"  # the method of a manifest that records none (written before the methods existed)
 
 if TYPE_CHECKING:  # torch is imported where tensors are made; hashing a checkpoint needs none
     import torch
@@ -71,6 +72,11 @@ def read_manifest(ckpt_dir: str | Path) -> dict:
     return manifest
 
 
+def manifest_method(manifest: dict) -> str:
+    """The method a checkpoint's manifest records (the name slq.methods registers its class under)."""
+    return manifest.get("method", LEGACY_METHOD)
+
+
 def load_checkpoint(ckpt_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """(queries (Nq, D) fp32, log_temp or None, manifest)."""
     from safetensors.torch import load_file
@@ -85,7 +91,7 @@ def load_checkpoint(ckpt_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor | 
 
 
 def load_llm_weights(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The LLM weights a lora/full checkpoint holds ({} for slq and zero_shot)."""
+    """The LLM weights a checkpoint holds ({} for a method that trains none in the LLM)."""
     from safetensors.torch import load_file
 
     path = Path(ckpt_dir) / LLM_WEIGHTS

@@ -8,9 +8,10 @@
 An item's embedding does not depend on the rest of its batch (left padding, positions that
 skip the pads), so inputs are freely re-ordered into length-sorted batches.
 
-This class is SLQ. The methods it is compared with (zero_shot, lora, full) subclass it in
-`slq.methods`, keeping its inputs, batching and checkpoint folder; `from_pretrained` returns
-their encoder for a `method` other than "slq", or for a checkpoint that records one.
+This class is SLQ's encoder and the base of every method (`slq.methods`: one registered
+subclass per method, keeping its inputs, batching and checkpoint folder). `from_pretrained`
+returns the registered class of the `method` asked for, or of the one a checkpoint records;
+the registry sits above this module, which does not import it at import time.
 """
 
 from __future__ import annotations
@@ -24,15 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slq.backbones import BackboneAdapter, load_backbone
+from slq.backbones import BackboneAdapter
 from slq.backbones.base import Prompts
-from slq.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    load_llm_weights,
-    read_manifest,
-    save_checkpoint,
-)
+from slq.checkpoint import CheckpointError, load_checkpoint, load_llm_weights, save_checkpoint
 from slq.inputs import check_text, load_image
 from slq.progress import bar
 from slq.queries import LatentQueries
@@ -50,22 +45,12 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def encoder_class(method: str, pooling: str | None = None) -> type[SLQEncoder]:
-    """SLQEncoder for `slq`; the compared methods' encoder (slq.methods) for the others. Errors
-    name the choices."""
-    if method == "slq" and pooling in (None, "queries"):
-        return SLQEncoder
-    from slq.methods import MethodEncoder, check_method
-
-    check_method(method, pooling)
-    return MethodEncoder
-
-
 class SLQEncoder(nn.Module):
     """A frozen MLLM + shared latent queries behind one encode API; only the queries train."""
 
-    method = "slq"
+    method = "slq"  # the name of its method (slq.methods registers a class per method)
     pooling = "queries"  # the mean of the queries' last hidden states
+    split_exact = True  # the prompt's states do not depend on what trains: the split forward is exact
 
     def __init__(self, backbone: BackboneAdapter, queries: LatentQueries | None, prompts: Prompts | None = None):
         super().__init__()
@@ -120,44 +105,24 @@ class SLQEncoder(nn.Module):
         on (same content fingerprint; `allow_backbone_mismatch=True` overrides, at your risk).
         `min_pixels` / `max_pixels` bound the pixels, and so the visual tokens, of each image
         (Qwen-VL processors); None keeps the checkpoint's, else the backbone folder's own settings.
-        `method` (default: this class's, "slq"), `pooling` and `lora` pick a compared method
-        (slq.methods) for a fresh encoder; a checkpoint's manifest decides them for a trained one.
+        `method` (default: this class's), `pooling` and `lora` pick a method (its class registered
+        in slq.methods) for a fresh encoder; a checkpoint's manifest decides them for a trained one.
         """
-        options = {"method": method or cls.method, "pooling": pooling, "lora": lora}
-        manifest: dict = {}
-        if queries is not None:
-            manifest = read_manifest(queries)
-            backbone = backbone or manifest["backbone"]["path"]
-            budget = manifest.get("pixel_override") or {}
-            min_pixels = min_pixels if min_pixels is not None else budget.get("min_pixels")
-            max_pixels = max_pixels if max_pixels is not None else budget.get("max_pixels")
-            prompts = prompts or manifest.get("prompts") or {}
-            options = {"method": manifest.get("method", "slq"),  # written before the methods existed: slq
-                       "pooling": manifest.get("pooling_mode", "queries"), "lora": manifest.get("lora")}
-        klass = encoder_class(options["method"], options["pooling"])
-        if backbone is None:
-            raise ValueError("give a backbone directory, or a query checkpoint that records one")
-        dev = resolve_device(device)
-        adapter = load_backbone(backbone, dtype=resolve_dtype(dtype, dev), device=dev,
-                                attn_implementation=attn_implementation, min_pixels=min_pixels, max_pixels=max_pixels)
-        if queries is None:
-            return klass.fresh(adapter, num_queries=num_queries, init=init, seed=seed, prompts=prompts, **options)
-        check_backbone(manifest, adapter, queries, allow_backbone_mismatch)
-        _check_template(manifest, adapter, queries)
-        enc = klass.fresh(adapter, num_queries=manifest["num_queries"], prompts=prompts, **options)
-        enc._copy_trained(queries, resume=False)
-        enc.manifest = manifest
-        return enc
+        from slq.methods import from_pretrained  # the registry (above this module) picks the class
+
+        return from_pretrained(backbone, queries, num_queries=num_queries, init=init, seed=seed, prompts=prompts,
+                               dtype=dtype, device=device, attn_implementation=attn_implementation,
+                               method=method or cls.method, pooling=pooling, lora=lora, min_pixels=min_pixels,
+                               max_pixels=max_pixels, allow_backbone_mismatch=allow_backbone_mismatch)
 
     @classmethod
     def fresh(cls, adapter: BackboneAdapter, *, num_queries: int = 20, init: str = "random", seed: int = 0,
               prompts: Prompts | dict | None = None, **method_options) -> SLQEncoder:
-        """An untrained encoder on a loaded backbone. `method_options` (method, pooling, lora) are
-        the compared methods' (slq.methods); SLQ has none."""
-        method = method_options.get("method") or cls.method
-        if method != cls.method:
-            raise ValueError(f"{cls.__name__}.fresh makes method {cls.method!r}, not {method!r}: "
-                             f"use encoder_class({method!r})")
+        """An untrained encoder on a loaded backbone: SLQ's, which takes no method options (the
+        methods' classes in slq.methods take theirs: pooling, lora)."""
+        if any(v is not None for v in method_options.values()):
+            raise ValueError(f"{cls.__name__}.fresh takes no method options ({', '.join(method_options)}): "
+                             "build a method's encoder with slq.methods.get_method(name).fresh")
         return cls(adapter, new_queries(adapter, num_queries, init, seed), as_prompts(prompts))
 
     def save(self, out_dir: str | Path, log_temp: torch.Tensor | None = None, **manifest) -> Path:
@@ -210,7 +175,7 @@ class SLQEncoder(nn.Module):
 
     def load_llm(self, ckpt_dir: str | Path, resume: bool) -> None:
         """Put the checkpoint's LLM weights into the backbone. SLQ trains none: a checkpoint that
-        holds some is refused. `resume`: into an encoder that is training (slq.methods)."""
+        holds some is refused. `resume`: into an encoder that is training (a method's override)."""
         tensors = load_llm_weights(ckpt_dir)
         if tensors:
             raise ValueError(f"checkpoint holds LLM weights ({len(tensors)} tensors) but method {self.method!r} "
@@ -343,7 +308,7 @@ def check_backbone(manifest: dict, adapter: BackboneAdapter, ckpt, allow_mismatc
         )
 
 
-def _check_template(manifest: dict, adapter: BackboneAdapter, ckpt) -> None:
+def check_template(manifest: dict, adapter: BackboneAdapter, ckpt) -> None:
     """Warn when the backbone folder's chat template is not the one the checkpoint was trained with
     (the weights can be the same while a template file was edited or swapped)."""
     import warnings

@@ -147,7 +147,7 @@ def fit(
     if not trained:
         raise ValueError(f"method {encoder.method!r} has nothing to train")
     # The split forward is exact only when the prompt's states do not depend on what trains.
-    split = cfg.split_forward and encoder.method == "slq"
+    split = cfg.split_forward and encoder.split_exact
     if split and cfg.compile_queries:
         encoder.backbone.compile_queries()
     result = FitResult()

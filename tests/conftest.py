@@ -15,13 +15,13 @@ for k, v in {
 
 import pytest  # noqa: E402
 
-from slq.backbones.tiny import TINY_TYPES  # noqa: E402
+from slq.miniature.tiny import TINY_TYPES  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """One tiny random model of every supported class, saved like a real checkpoint."""
-    from slq.backbones.tiny import build_tiny_backbone
+    from slq.miniature.tiny import build_tiny_backbone
 
     root = tmp_path_factory.mktemp("backbones")
     return {t: build_tiny_backbone(t, root / t) for t in TINY_TYPES}

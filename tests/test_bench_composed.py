@@ -326,7 +326,7 @@ def test_fashioniq_bad_input(fiq_root):
 
 # ---- end to end with the real encoder ------------------------------------------------------------
 def test_real_encoder_end_to_end_uses_cache(tmp_path, cirr_root, fiq_root):
-    from slq.backbones.tiny import build_tiny_backbone
+    from slq.miniature.tiny import build_tiny_backbone
     from slq.benchmarks.cache import CachedEmbedder
     from slq.encoder import SLQEncoder
 

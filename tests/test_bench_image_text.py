@@ -334,8 +334,9 @@ def test_karr_datasets_folder(tmp_path):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from slq.config import DataConfig
-    from slq.data.world import generate_world, load_manifest
+    from slq.mlops.config import DataConfig
+    from slq.data import load_manifest
+    from slq.miniature.world import generate_world
 
     root = generate_world(DataConfig(n_train=2, n_val=1, n_test=4, captions_per_image=2, image_size=32),
                           tmp_path_factory.mktemp("world") / "world")
@@ -363,7 +364,7 @@ def test_world_and_world_i2i(world, tmp_path):
 
 
 def test_cached_embedder_second_evaluation_hits_the_cache(tmp_path):
-    from slq.backbones.tiny import build_tiny_backbone
+    from slq.miniature.tiny import build_tiny_backbone
     from slq.benchmarks.cache import CachedEmbedder
     from slq.encoder import SLQEncoder
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from slq.benchmarks import DataError, MissingData, Result, get_benchmark
 from slq.benchmarks.mmeb import DATASETS, MMEB
-from slq.benchmarks.report import (
+from slq.mlops.benchmark_report import (
     markdown_table,
     modality_gap,
     pca_scatter_png,
@@ -217,7 +217,7 @@ def test_write_report(tmp_path):
 
 # ---- end to end with the real encoder --------------------------------------------------------
 def test_mmeb_end_to_end_tiny_backbone(mmeb_root, tmp_path):
-    from slq.backbones.tiny import build_tiny_backbone
+    from slq.miniature.tiny import build_tiny_backbone
     from slq.benchmarks.cache import CachedEmbedder
     from slq.encoder import SLQEncoder
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from slq.benchmarks import get_benchmark
-from slq.config import DataConfig
-from slq.data.world import (
+from slq.mlops.config import DataConfig
+from slq.miniature.world import (
     COLOUR_FACTS,
     COLOURS,
     COUNT_WORDS,
@@ -126,7 +126,7 @@ def _report(tmp_path, known: dict, unknown: dict | None = None) -> Path:
 
 
 def test_world_everyday_names_each_scene_only_through_known_cues(world, tmp_path):
-    from slq import knowledge
+    from slq.miniature import knowledge
 
     known = {("colour", c): [f"thing number {i}"] for i, c in enumerate(sorted(COLOURS)) if c != "red"}
     known |= {("shape", "circle"): ["a wheel", "a ring"], ("shape", "square"): ["a chessboard tile"],
@@ -173,7 +173,7 @@ def test_the_committed_smollm2_probe_gives_a_split_free_of_answer_words(world, t
     none stated in the real-LM recipe's pretraining text or the world's training captions."""
     import json
 
-    from slq import knowledge
+    from slq.miniature import knowledge
 
     rows = json.loads(PROBE.read_text())["rows"]
     known = knowledge.load_known(PROBE)

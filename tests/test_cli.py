@@ -28,10 +28,10 @@ LONG_NAME = "register-0123456789abcdef-a-long-run-name"
 def proj(tmp_path_factory):
     from mlflow import MlflowClient
 
-    from slq.backbones.tiny import build_tiny_backbone
-    from slq.config import load_config
+    from slq.miniature.tiny import build_tiny_backbone
+    from slq.mlops.config import load_config
     from slq.encoder import SLQEncoder
-    from slq.stages.index import _arrow_table
+    from slq.mlops.index import _arrow_table
 
     root = tmp_path_factory.mktemp("cliproj")
     backbone = build_tiny_backbone("qwen2_vl", root / "models" / "tiny")
@@ -218,7 +218,7 @@ def test_promote_and_serve_a_version_that_exists(runner, proj, monkeypatch):
 def test_set_values_are_yaml_everywhere(proj, monkeypatch, runner):
     from flows.pipeline import parse_overrides
 
-    from slq.config import load_config
+    from slq.mlops.config import load_config
 
     root, _ = proj
     params = root / "params.yaml"
@@ -240,7 +240,7 @@ def test_set_values_are_yaml_everywhere(proj, monkeypatch, runner):
 def test_the_flow_refuses_a_missing_params_file(tmp_path):
     from flows.pipeline import slq_pipeline
 
-    from slq.config import ConfigError
+    from slq.mlops.config import ConfigError
 
     with pytest.raises(ConfigError, match="params file not found.*nowhere.yaml"):
         slq_pipeline.fn(params=str(tmp_path / "nowhere.yaml"))

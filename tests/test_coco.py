@@ -14,9 +14,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from slq.config import Config, DataConfig, load_config
+from slq.mlops.config import Config, DataConfig, load_config
 from slq.data.coco import CocoError, build_coco_manifest
-from slq.stages import validate
+from slq.mlops.stages import validate
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "params" / "paper-qwen3-vl-4b.yaml"

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from slq.backbones import BackboneError, get_adapter_class, supported_model_types
-from slq.backbones.tiny import TINY_TYPES
+from slq.miniature.tiny import TINY_TYPES
 from slq.checkpoint import CheckpointError
 from slq.encoder import SLQEncoder
 
@@ -153,7 +153,7 @@ def test_checkpoint_round_trip(encoder, tmp_path, tiny_dirs):
 
 
 def test_checkpoint_on_wider_backbone_is_an_error(tmp_path, tiny_dirs):
-    from slq.backbones.tiny import build_tiny_backbone
+    from slq.miniature.tiny import build_tiny_backbone
 
     enc = SLQEncoder.from_pretrained(tiny_dirs["qwen2_vl"], num_queries=2)
     ckpt = enc.save(tmp_path / "ckpt")

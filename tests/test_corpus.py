@@ -76,7 +76,7 @@ def world(tmp_path_factory, s3):
     """A tiny backbone and checkpoint, 30 items (12 images, 12 captions, 6 image+instruction), the
     manifest on disk and on S3 (images relative to it), and each item's vector from SLQEncoder in
     one process, the reference every engine must match."""
-    from slq.backbones.tiny import build_tiny_backbone
+    from slq.miniature.tiny import build_tiny_backbone
     from slq.checkpoint import checkpoint_hash
     from slq.encoder import SLQEncoder
 
@@ -116,7 +116,7 @@ def world(tmp_path_factory, s3):
 
 
 def _options():
-    from slq.corpus.storage import storage_options
+    from slq.mlops.corpus.storage import storage_options
 
     return storage_options()  # from the environment alone
 
@@ -136,7 +136,7 @@ def _vectors(tbl) -> dict:
 def killed_then_resumed(world, s3, ray_address):
     """The Ray engine on S3 in a second driver, SIGKILLed by the real code right after its first
     commit; then the same embed in this process: the versions and summaries of both."""
-    from slq.corpus.embed import KILL_AFTER_COMMITS_ENV, EmbedJob, embed_corpus
+    from slq.mlops.corpus.embed import KILL_AFTER_COMMITS_ENV, EmbedJob, embed_corpus
 
     db = f"s3://{BUCKET}/lancedb"
     env = {**os.environ, **s3["env"], KILL_AFTER_COMMITS_ENV: "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
@@ -195,7 +195,7 @@ def test_ray_vectors_equal_single_process_encoder(world, killed_then_resumed):
 
 
 def test_local_engine_same_vectors_and_finished_corpus_is_a_no_op(world, tmp_path):
-    from slq.corpus.embed import EmbedJob, embed_corpus
+    from slq.mlops.corpus.embed import EmbedJob, embed_corpus
 
     db = str(tmp_path / "lancedb")
     job = EmbedJob(manifest=str(world["manifest"]), checkpoint=str(world["ckpt"]), db_uri=db, engine="local",
@@ -212,8 +212,8 @@ def test_local_engine_same_vectors_and_finished_corpus_is_a_no_op(world, tmp_pat
 def test_table_of_another_checkpoint_is_refused(world, tmp_path):
     import torch
 
-    from slq.corpus import CorpusError
-    from slq.corpus.embed import EmbedJob, embed_corpus
+    from slq.mlops.corpus import CorpusError
+    from slq.mlops.corpus.embed import EmbedJob, embed_corpus
     from slq.encoder import SLQEncoder
 
     other = SLQEncoder.from_pretrained(queries=world["ckpt"])
@@ -229,8 +229,8 @@ def test_table_of_another_checkpoint_is_refused(world, tmp_path):
 
 
 def test_bad_rows_and_images_are_named(world, tmp_path):
-    from slq.corpus import CorpusError
-    from slq.corpus.embed import EmbedJob, embed_corpus
+    from slq.mlops.corpus import CorpusError
+    from slq.mlops.corpus.embed import EmbedJob, embed_corpus
 
     def job(rows, **kw):
         m = tmp_path / "m.jsonl"
@@ -273,7 +273,7 @@ def test_cli_error_is_one_line(world, tmp_path):
 
 
 def test_storage_options_come_from_params_and_environment():
-    from slq.corpus.storage import storage_options
+    from slq.mlops.corpus.storage import storage_options
 
     env = {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_ENDPOINT_URL": "http://minio:9000"}
     assert storage_options(env=env) == {"aws_region": "us-east-1", "aws_endpoint": "http://minio:9000",

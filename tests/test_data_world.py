@@ -9,8 +9,9 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 import pytest
 
-from slq.config import DataConfig
-from slq.data import generate_world, image_path, load_manifest
+from slq.mlops.config import DataConfig
+from slq.data import image_path, load_manifest
+from slq.miniature.world import generate_world
 
 SMALL = dict(n_train=20, n_val=5, n_test=5, captions_per_image=2, image_size=64)
 

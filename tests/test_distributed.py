@@ -112,7 +112,7 @@ def _worker(rank: int, world: int, port: int, backbone_dir: str, out_dir: str) -
 # ---- tests ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def backbone_dir(tmp_path_factory):
-    from slq.backbones.tiny import build_tiny_backbone
+    from slq.miniature.tiny import build_tiny_backbone
 
     return build_tiny_backbone("qwen2_vl", tmp_path_factory.mktemp("ddp") / "qwen2_vl")
 

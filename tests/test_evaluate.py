@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from slq.config import Config
-from slq.stages import evaluate
+from slq.mlops.config import Config
+from slq.mlops.stages import evaluate
 
 N_IMG, CAPS, DIM = 200, 2, 64
 

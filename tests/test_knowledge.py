@@ -6,16 +6,16 @@ import random
 import pytest
 import torch
 
-from slq import knowledge
-from slq.data.world import COLOURS, COUNT_WORDS, SHAPES, _captions
-from slq.pretrain import fact_sentences, make_example, pretraining_scenes
+from slq.miniature import knowledge
+from slq.miniature.world import COLOURS, COUNT_WORDS, SHAPES, _captions
+from slq.miniature.pretrain import fact_sentences, make_example, pretraining_scenes
 
 
 @pytest.fixture(scope="module")
 def tiny_lm():
     import transformers as tf
 
-    from slq.backbones.tokenizer import build_bpe_tokenizer, wrap_fast
+    from slq.miniature.tokenizer import build_bpe_tokenizer, wrap_fast
 
     corpus = [q.format(cue=c) + " " + a for k, a, c in knowledge.all_cues() for q in [knowledge.QUESTIONS[k]]]
     tok = wrap_fast(build_bpe_tokenizer(["<pad>"], corpus, vocab_size=400), pad_token="<pad>")

@@ -89,6 +89,94 @@ def test_bad_method_or_pooling_is_a_clear_error():
     assert check_method("full", None) == "last_token" and check_method("lora", "queries") == "queries"
 
 
+@pytest.fixture
+def fifth_method():
+    """A fifth method, registered in the test as a plugin would be (one class): last-token pooling,
+    training only the LLM's norm weights; unregistered afterwards."""
+    from slq.methods import MethodEncoder, register_method
+    from slq.methods.base import _REGISTRY
+
+    @register_method("norm_only")
+    class NormOnly(MethodEncoder):
+        poolings = ("last_token",)
+        default_lr = 1e-3
+
+        def _norms(self):
+            return {n: p for n, p in self.backbone.decoder.named_parameters() if "norm" in n}
+
+        def train_llm(self):
+            for p in self._norms().values():
+                p.requires_grad_(True)
+            return list(self._norms().values())
+
+        def llm_tensors(self):
+            return {n: p.detach().float().cpu().contiguous() for n, p in self._norms().items()}
+
+        def load_llm(self, ckpt_dir, resume):
+            self.load_llm_strict(ckpt_dir, set(self._norms()), keep_trainable=resume)
+
+    try:
+        yield NormOnly
+    finally:
+        _REGISTRY.pop("norm_only", None)
+
+
+def test_a_fifth_method_is_one_registered_class_and_loads_by_its_checkpoints_method(
+        tiny_dirs, color_pairs, tmp_path, fifth_method):
+    import json
+
+    from slq.methods import METHODS, check_method, compared_methods, get_method, reference_method
+
+    assert get_method("norm_only") is fifth_method and list(METHODS)[-1] == "norm_only"
+    assert check_method("norm_only", None) == "last_token" and "norm_only" in compared_methods()
+    assert reference_method() == "slq"
+    enc = SLQEncoder.from_pretrained(tiny_dirs["qwen2_vl"], method="norm_only")
+    assert type(enc) is fifth_method and enc.queries is None and enc.prompts.text == SUMMARIZE_PROMPTS["text"]
+    before = _snapshot(enc.backbone.model)
+    res = fit(enc, color_pairs, STEP, progress=False)
+    changed = _changed(before, enc.backbone.model)
+    assert changed and all("norm" in n for n in changed)
+    out = enc.save(tmp_path / "norm_only", log_temp=res.log_temp)
+    manifest = json.loads((out / "slq.json").read_text())
+    assert manifest["method"] == "norm_only" and manifest["pooling"] == "last_token_state_l2"
+
+    again = SLQEncoder.from_pretrained(queries=out)  # the manifest's `method` picks the class
+    assert type(again) is fifth_method and not any(p.requires_grad for p in again.backbone.decoder.parameters())
+    texts = ["a red circle on the left", "a blue square"]
+    np.testing.assert_allclose(again.encode_text(texts, progress=False), enc.encode_text(texts, progress=False),
+                               atol=1e-5)
+
+
+def test_an_unknown_method_is_a_clear_error_and_a_manifest_without_one_is_slq(tiny_dirs, tmp_path):
+    import json
+
+    from slq.methods import METHODS, MethodError, get_method, register_method
+
+    listed = "use one of slq, zero_shot, lora, full"
+    with pytest.raises(MethodError, match=f"unknown method 'clip': {listed}"):
+        get_method("clip")
+    with pytest.raises(ValueError, match=f"unknown method 'clip': {listed}"):
+        SLQEncoder.from_pretrained(tiny_dirs["qwen2_vl"], method="clip")
+    enc = SLQEncoder.from_pretrained(tiny_dirs["qwen2_vl"], num_queries=2)
+    assert type(enc) is get_method("slq")
+    out = enc.save(tmp_path / "ckpt")
+    manifest_path = out / "slq.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "method": "clip"}))
+    with pytest.raises(ValueError, match=f"unknown method 'clip': {listed}"):
+        SLQEncoder.from_pretrained(queries=out)
+    del manifest["method"]  # written before the methods existed
+    manifest_path.write_text(json.dumps(manifest))
+    old = SLQEncoder.from_pretrained(queries=out)
+    assert type(old) is get_method("slq") and old.pooling == "queries"
+    np.testing.assert_array_equal(old.queries.weight.detach(), enc.queries.weight.detach())
+    with pytest.raises(RuntimeError, match="registered twice"):
+        register_method("lora")(type("Other", (get_method("full"),), {}))
+    with pytest.raises(TypeError, match="not a MethodEncoder"):
+        register_method("plain")(object)
+    assert list(METHODS) == ["slq", "zero_shot", "lora", "full"]
+
+
 def _row(p1, k1, params, pooling="last_token", prompt="pipeline"):
     bench = {"world": {"t2i_R@1": p1, "t2i_R@5": p1, "t2i_R@10": p1, "i2t_R@1": p1},
              "world_knowledge": {"t2i_R@1": k1, "t2i_R@5": k1, "t2i_R@10": k1, "i2t_R@1": k1}}
@@ -97,7 +185,7 @@ def _row(p1, k1, params, pooling="last_token", prompt="pipeline"):
 
 
 def test_comparison_table_states_what_the_numbers_say(tmp_path):
-    from slq.stages.compare import BEGIN, END, render, update_readme
+    from slq.mlops.comparison import BEGIN, END, render, update_readme
 
     rows = {"slq": _row(0.4, 0.1, 1025, "queries"), "zero_shot": _row(0.005, 0.0, 0, prompt="summarize"),
             "lora": _row(0.5, 0.2, 9000), "full": _row(0.6, 0.05, 90000)}
@@ -131,7 +219,7 @@ def test_comparison_table_states_what_the_numbers_say(tmp_path):
 
 
 def test_the_table_says_when_budgets_were_timed_under_different_cpu_conditions():
-    from slq.stages.compare import render
+    from slq.mlops.comparison import render
 
     rows = {"slq": _row(0.4, 0.1, 1025, "queries"), "lora": _row(0.5, 0.2, 9000), "full": _row(0.6, 0.05, 90000)}
     rows["slq"]["budget"].update(threads=2, side_by_side=1)
@@ -210,8 +298,8 @@ def test_the_cache_tells_backbones_apart_when_the_checkpoint_is_empty(tiny_dirs,
 
 
 def test_trained_baselines_share_slqs_prompt_and_zero_shot_keeps_its_own(tiny_dirs, tmp_path):
-    from slq.config import Config, ConfigError
-    from slq.stages.train import load_encoder, method_prompt
+    from slq.mlops.config import Config, ConfigError
+    from slq.mlops.models import load_encoder, method_prompt
 
     cfg = Config()
     cfg.backbone.path, cfg.backbone.builtin = str(tiny_dirs["qwen2_vl"]), False
@@ -243,8 +331,8 @@ def test_compare_takes_slqs_scores_from_the_evaluate_stage_only_when_they_fit(tm
     import json
 
     from slq.checkpoint import checkpoint_hash, save_checkpoint
-    from slq.config import Config
-    from slq.stages.compare import scores_from_evaluate
+    from slq.mlops.config import Config
+    from slq.mlops.comparison import scores_from_evaluate
 
     cfg = Config(root=str(tmp_path))
     cfg.evaluate.benchmarks = [{"name": "world", "split": cfg.evaluate.split}, {"name": "world_knowledge"},
@@ -270,8 +358,8 @@ def test_backbone_note_names_what_the_lm_knows(tmp_path):
     own LM knows (the pretrain stage's knowledge probe) and that the world's facts were never taught."""
     import json
 
-    from slq.config import Config
-    from slq.stages.compare import _backbone_note
+    from slq.mlops.config import Config
+    from slq.mlops.comparison import _backbone_note
 
     cfg = Config(root=str(tmp_path))
     cfg.pretrain.knowledge = "reports/lm_knowledge.json"
@@ -290,8 +378,8 @@ def test_comparison_benchmarks_take_the_evaluate_entries_options(tmp_path):
     """Every method is scored as the evaluate stage scores SLQ: world_everyday with its `cues` (a
     path from the project folder), an entry's own split and label; a name with no entry runs on
     evaluate.split with its defaults; a benchmark the comparison cannot run is refused by name."""
-    from slq.config import Config
-    from slq.stages.methods import comparison_benchmarks
+    from slq.mlops.config import Config
+    from slq.mlops.baselines import comparison_benchmarks
 
     cfg = Config(root=str(tmp_path))
     cfg.evaluate.benchmarks = [{"name": "world", "label": "world_val", "split": "val"},
@@ -310,8 +398,8 @@ def test_comparison_benchmarks_take_the_evaluate_entries_options(tmp_path):
 def test_benchmark_entries_are_keyed_by_label_and_a_label_twice_is_refused(tmp_path):
     """The one place `evaluate.benchmarks` labels are made: an entry's `label`, else its name; the
     same label twice names itself in the error (the evaluate, methods and compare stages share it)."""
-    from slq.config import Config
-    from slq.stages.evaluate import benchmark_entries
+    from slq.mlops.config import Config
+    from slq.mlops.evaluation import benchmark_entries
 
     cfg = Config(root=str(tmp_path))
     cfg.evaluate.benchmarks = [{"name": "world", "label": "world_val", "split": "val"}, {"name": "world"}]
@@ -324,8 +412,8 @@ def test_benchmark_entries_are_keyed_by_label_and_a_label_twice_is_refused(tmp_p
 
 
 def test_methods_workers_is_one_per_core_on_cpu_one_on_gpu_and_checked(monkeypatch, tmp_path):
-    from slq.config import load_config
-    from slq.stages import methods
+    from slq.mlops.config import load_config
+    from slq.mlops.stages import methods
 
     cfg = load_config(None, {"backbone.device": "cpu"})  # the defaults: workers auto
     monkeypatch.setattr(methods, "cpu_count", lambda: 2)

@@ -7,8 +7,8 @@ import re
 import pytest
 
 from slq.backbones import load_backbone
-from slq.config import DataConfig, PretrainConfig
-from slq.data.world import (
+from slq.mlops.config import DataConfig, PretrainConfig
+from slq.miniature.world import (
     COLOUR_FACTS,
     POSITIONS,
     SHAPE_FACTS,
@@ -19,7 +19,7 @@ from slq.data.world import (
     render_scene,
 )
 from slq.io import file_sha256
-from slq.pretrain import (
+from slq.miniature.pretrain import (
     Batcher,
     build_model,
     canonical_caption,

@@ -92,7 +92,7 @@ def test_pixel_budget_bounds_visual_tokens(tiny_dirs, tmp_path):
 
 # ---- the backbone a checkpoint belongs to -----------------------------------------------------------
 def test_checkpoint_pins_its_backbone_by_content(tiny_dirs, tmp_path):
-    from slq.backbones.tiny import build_tiny_backbone
+    from slq.miniature.tiny import build_tiny_backbone
 
     enc = _enc(tiny_dirs["qwen2_vl"])
     ck = enc.save(tmp_path / "ck")

@@ -32,8 +32,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from slq.config import Config  # noqa: E402
-from slq.stages import register  # noqa: E402
+from slq.mlops.config import Config  # noqa: E402
+from slq.mlops import tracking  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +45,7 @@ CHAMPION = 1  # index of the registration that should end up champion (version 2
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A project with a tiny backbone and three query checkpoints (different seeds)."""
-    from slq.backbones.tiny import build_tiny_backbone
+    from slq.miniature.tiny import build_tiny_backbone
     from slq.encoder import SLQEncoder
 
     root = tmp_path_factory.mktemp("register")
@@ -67,7 +67,7 @@ def registered(project):
     cfg, ckpts = project
     reports = []
     for i, (ckpt, metric) in enumerate(zip(ckpts, GATE_METRICS)):
-        reports.append(register.run(
+        reports.append(tracking.register_model(
             cfg, metrics={"t2i_R@1": metric, "i2t_R@1": metric / 2, "checkpoint_hash": f"h{i}"},
             params={"pipeline": {"attempt": i}},
             artifacts={"reports": cfg.path("metrics/eval.json")},
@@ -132,7 +132,7 @@ def test_gate_promotes_only_improvements(project, registered):
 
 def test_run_records_lineage(project, registered):
     cfg, _ = project
-    info = register.show_run(cfg, registered[2]["run_id"])
+    info = tracking.show_run(cfg, registered[2]["run_id"])
     assert info["metrics"] == {"t2i_R_at_1": pytest.approx(0.4), "i2t_R_at_1": pytest.approx(0.2)}
     assert info["params"]["train.lr"] == str(cfg.train.lr) and info["params"]["pipeline.attempt"] == "2"
     tags = info["tags"]
@@ -143,7 +143,7 @@ def test_run_records_lineage(project, registered):
     assert "reports" in info["artifacts"]
     assert info["model_versions"] == [{"name": MODEL, "version": 3, "aliases": []}]
 
-    runs = register.list_runs(cfg, n=2)
+    runs = tracking.list_runs(cfg, n=2)
     assert [r["run_id"] for r in runs] == [registered[2]["run_id"], registered[1]["run_id"]]
     assert runs[1]["promoted"] == "True" and runs[1]["t2i_R_at_1"] == pytest.approx(0.5)
 
@@ -192,7 +192,7 @@ def test_backbone_by_path_only(project, champion_encoder):
     cfg, ckpts = project
     cfg = dataclasses.replace(cfg, register=dataclasses.replace(
         cfg.register, model_name="slq-path-only", log_backbone=False, out="reports/register_path_only.json"))
-    report = register.run(cfg, metrics={"t2i_R@1": 0.1}, checkpoint_dir=ckpts[CHAMPION])
+    report = tracking.register_model(cfg, metrics={"t2i_R@1": 0.1}, checkpoint_dir=ckpts[CHAMPION])
     assert report["promoted"] and report["version"] == 1
     info = mlflow.models.get_model_info(report["model_uri"])
     assert set(info.flavors["python_function"]["artifacts"]) == {"checkpoint"}
@@ -256,7 +256,7 @@ def test_an_identical_checkpoint_adds_no_version(project, registered):
     cfg = dataclasses.replace(cfg, register=dataclasses.replace(cfg.register, out="reports/register_again.json"))
     client = MlflowClient(registered[0]["tracking_uri"])
     before = sorted(int(v.version) for v in client.search_model_versions(f"name='{MODEL}'"))
-    again = register.run(cfg, metrics={"t2i_R@1": GATE_METRICS[0]}, checkpoint_dir=ckpts[0])
+    again = tracking.register_model(cfg, metrics={"t2i_R@1": GATE_METRICS[0]}, checkpoint_dir=ckpts[0])
     after = sorted(int(v.version) for v in client.search_model_versions(f"name='{MODEL}'"))
     assert after == before and again["version"] == registered[0]["version"]
     assert again["run_id"] not in {r["run_id"] for r in registered}
@@ -265,10 +265,10 @@ def test_an_identical_checkpoint_adds_no_version(project, registered):
 
 def test_manual_promotion(project, registered):
     cfg, _ = project
-    refused = register.promote(cfg, 3)
+    refused = tracking.promote(cfg, 3)
     assert not refused["promoted"] and refused["champion_version"] == 2
-    forced = register.promote(cfg, 3, force=True)
+    forced = tracking.promote(cfg, 3, force=True)
     assert forced["promoted"] and forced["previous_champion_version"] == 2
-    back = register.promote(cfg, 2)  # 0.5 > 0.4: passes the gate
+    back = tracking.promote(cfg, 2)  # 0.5 > 0.4: passes the gate
     assert back["promoted"] and back["previous_champion_version"] == 3
-    assert register.promote(cfg, 2)["reason"].endswith("already holds @champion")
+    assert tracking.promote(cfg, 2)["reason"].endswith("already holds @champion")

@@ -1,4 +1,4 @@
-"""The offline report (slq.report): one HTML page built from the files the stages write, with its
+"""The offline report (slq.mlops.report): one HTML page built from the files the stages write, with its
 plots inline and nothing fetched from the network; missing or damaged inputs become a line."""
 
 import json
@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from slq.report import ReportInputs, render_report, write_report, write_validation_page
+from slq.mlops.report import ReportInputs, render_report, write_report, write_validation_page
 
 EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", re.IGNORECASE)  # any resource from elsewhere
 
@@ -123,8 +123,8 @@ def test_validation_page_of_a_passing_run(tmp_path):
 def test_the_compare_stage_writes_the_report(tmp_path):
     """compare.run, with SLQ's scores taken from the evaluate stage's metrics (no model is loaded)."""
     from slq.checkpoint import checkpoint_hash, save_checkpoint
-    from slq.config import Config
-    from slq.stages import compare
+    from slq.mlops.config import Config
+    from slq.mlops.stages import compare
 
     cfg = Config(root=str(tmp_path))
     cfg.methods.readme = None
@@ -151,9 +151,9 @@ def test_the_compare_stage_writes_the_report(tmp_path):
 @pytest.mark.integration
 def test_the_validate_stage_writes_its_page_when_the_data_fails(tmp_path):
     """With real Great Expectations: the page beside the GX Data Docs names what broke, offline."""
-    from slq.config import Config, DataConfig
-    from slq.data import generate_world
-    from slq.stages import validate
+    from slq.mlops.config import Config, DataConfig
+    from slq.miniature.world import generate_world
+    from slq.mlops.stages import validate
 
     cfg = Config(root=str(tmp_path), data=DataConfig(n_train=8, n_val=2, n_test=2))
     generate_world(cfg.data, cfg.path(cfg.data.root))

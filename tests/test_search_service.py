@@ -1,4 +1,4 @@
-"""The search service (slq.service) as a client meets it, the CLI's search and serve --search, and
+"""The search service (slq.mlops.service) as a client meets it, the CLI's search and serve --search, and
 the served pyfunc's input checks.
 
 One module-scoped project: a tiny Qwen2-VL backbone, an untrained query checkpoint, twelve drawn
@@ -69,11 +69,11 @@ def embed_split(enc, root, cfg, ckpt_hash: str) -> None:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    from slq.backbones.tiny import build_tiny_backbone
+    from slq.miniature.tiny import build_tiny_backbone
     from slq.checkpoint import checkpoint_hash
-    from slq.config import load_config
+    from slq.mlops.config import load_config
     from slq.encoder import SLQEncoder
-    from slq.stages import index
+    from slq.mlops.stages import index
 
     root = tmp_path_factory.mktemp("searchproj")
     backbone = build_tiny_backbone("qwen2_vl", root / "models" / "tiny")
@@ -97,7 +97,7 @@ def project(tmp_path_factory):
 def client(project):
     from fastapi.testclient import TestClient
 
-    from slq.service import create_app
+    from slq.mlops.service import create_app
 
     app = create_app(project["cfg"], encoder=project["enc"])
     with TestClient(app, raise_server_exceptions=False) as c:
@@ -165,7 +165,7 @@ def test_health(client, project):
 def test_the_ann_index_is_used_with_its_tuned_settings(project):
     from fastapi.testclient import TestClient
 
-    from slq.service import create_app
+    from slq.mlops.service import create_app
 
     tuned = json.loads(project["ann"].path(project["ann"].index.out).read_text())["slq_test_image"]["search"]
     with TestClient(create_app(project["ann"], encoder=project["enc"]), raise_server_exceptions=False) as c:
@@ -261,8 +261,8 @@ def test_an_unexpected_failure_is_a_one_line_500(client, monkeypatch):
 
 
 def test_a_table_of_another_checkpoint_stops_the_start(project):
-    from slq.search import CheckpointMismatch
-    from slq.service import create_app
+    from slq.mlops.search import CheckpointMismatch
+    from slq.mlops.service import create_app
 
     with pytest.raises(CheckpointMismatch, match=r"table slq_test_image was written by checkpoint [0-9a-f]{16}, "
                                                  r"not by the checkpoint .*other_ckpt"):
@@ -317,7 +317,7 @@ def test_pyfunc_refuses_unknown_columns_and_long_text(project):
     import pandas as pd
 
     from slq.inputs import InputError
-    from slq.serve import SLQPyfunc, model_signature
+    from slq.mlops.serve import SLQPyfunc, model_signature
 
     model = SLQPyfunc()
     model.encoder = project["enc"]
@@ -343,7 +343,7 @@ def test_served_pyfunc_answers_400_with_the_message(project, tmp_path):
     from fastapi.testclient import TestClient
     from mlflow.pyfunc.scoring_server import init
 
-    from slq.serve import log_model
+    from slq.mlops.serve import log_model
 
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")

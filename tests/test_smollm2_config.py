@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from slq.config import load_config
+from slq.mlops.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 PIPE = REPO / "pipelines" / "smollm2"

@@ -1,4 +1,4 @@
-"""The seed study (slq.study, `slq study seeds`): its statistics on hand-made numbers, its cache,
+"""The seed study (slq.miniature.study, `slq study seeds`): its statistics on hand-made numbers, its cache,
 and the command, with the per-seed runner replaced by a cheap fake (no model is trained here)."""
 
 import json
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from slq import study
-from slq.config import load_config
+from slq.miniature import study
+from slq.mlops.config import load_config
 
 # two-sided 95% Student-t critical values, n - 1 degrees of freedom (tables; scipy checks them below)
 T95 = {2: 12.706204736174698, 3: 4.302652729749464, 5: 2.7764451051977934}
@@ -368,8 +368,8 @@ def test_a_resumed_seed_counts_the_time_its_earlier_runs_spent(cfg, tmp_path, mo
     not the instant the second run took to find them done."""
     import time
 
-    import slq.stages.methods
-    import slq.stages.train
+    import slq.mlops.baselines
+    import slq.mlops.training
 
     cfg.methods.compare = ["lora"]
     manifest = cfg.path(cfg.data.root) / cfg.data.manifest
@@ -390,8 +390,8 @@ def test_a_resumed_seed_counts_the_time_its_earlier_runs_spent(cfg, tmp_path, mo
         return {"steps": 7, "wall_time_s": 1.0}
 
     monkeypatch.setattr(study, "pretrained", fake_pretrained)
-    monkeypatch.setattr(slq.stages.train, "train_method", fake_train)
-    monkeypatch.setattr(slq.stages.methods, "evaluate_checkpoint",
+    monkeypatch.setattr(slq.mlops.training, "train_method", fake_train)
+    monkeypatch.setattr(slq.mlops.baselines, "evaluate_checkpoint",
                         lambda c, ckpt, splits: {s: {"t2i_R@1": 0.5, "i2t_R@1": 0.5} for s in splits})
     first = study.run_study(cfg, [0], "studies", jobs=1, progress=False)
     assert first.results == [] and first.failed[0].startswith("lora: RuntimeError")
@@ -464,7 +464,7 @@ def test_the_study_scores_methods_benchmarks_unless_told(cfg):
 
 def test_jobs():
     cfg = load_config(None, {"backbone.device": "cpu"})
-    from slq.stages.methods import cpu_count
+    from slq.mlops.baselines import cpu_count
 
     assert study.resolve_jobs(cfg, None, 10) == cpu_count()
     assert study.resolve_jobs(cfg, 4, 2) == 2 and study.resolve_jobs(cfg, 1, 5) == 1

@@ -80,9 +80,9 @@ def _ok(res: subprocess.CompletedProcess):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A tiny world (32 training pairs) and a tiny random backbone (your own: backbone.builtin false)."""
-    from slq.backbones.tiny import build_tiny_backbone
-    from slq.config import DataConfig
-    from slq.data.world import generate_world
+    from slq.miniature.tiny import build_tiny_backbone
+    from slq.mlops.config import DataConfig
+    from slq.miniature.world import generate_world
 
     root = tmp_path_factory.mktemp("torchrun")
     data = {"root": "data/world", "n_train": 16, "n_val": 2, "n_test": 2, "image_size": 64}
@@ -139,8 +139,10 @@ def test_two_ranks_write_once_and_match_one_process(project, single):
 
 def test_two_ranks_resume_a_one_process_run(project, single):
     """A run killed after step 2 on 1 process x 2B resumes on 2 ranks x B (same global batch)."""
-    from slq.config import load_config
-    from slq.stages.train import fit_config, load_encoder, split_rows, work_folder
+    from slq.mlops.config import load_config
+    from slq.mlops.training import fit_config, work_folder
+    from slq.mlops.models import load_encoder
+    from slq.mlops.datasets import split_rows
     from slq.train import fit
 
     tag = "resumed"
@@ -173,8 +175,8 @@ def test_missing_backbone_is_an_error_on_every_rank(project):
 
 def test_methods_stage_still_trains_baselines_in_one_process(project):
     """The methods stage goes through the same train_method: in one process no group is made."""
-    from slq.config import load_config
-    from slq.stages.methods import train_and_score
+    from slq.mlops.config import load_config
+    from slq.mlops.baselines import train_and_score
 
     cfg = load_config(project, {**_sets("methods", 2 * B), "methods.out": "methods/out",
                                 "methods.metrics": "methods/metrics", "evaluate.cache_dir": "methods/cache"})

@@ -10,9 +10,9 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 import pytest
 
-from slq.config import Config, DataConfig
-from slq.data import generate_world
-from slq.stages import validate
+from slq.mlops.config import Config, DataConfig
+from slq.miniature.world import generate_world
+from slq.mlops.stages import validate
 
 pytestmark = pytest.mark.integration
 

@@ -1,5 +1,5 @@
-"""Datasets: the manifest format and the built-in synthetic world."""
+"""Datasets: the manifest format and converters into it (COCO)."""
 
-from slq.data.world import generate_world, image_path, load_manifest
+from slq.data.manifest import image_path, load_manifest
 
-__all__ = ["generate_world", "image_path", "load_manifest"]
+__all__ = ["image_path", "load_manifest"]

