@@ -70,9 +70,9 @@ QWEN3_4B = {"hidden": 2560, "layers": 36, "heads": 32, "kv_heads": 8, "head_dim"
             "vocab": 151936}
 QWEN_PAD_ID = 151643  # <|endoftext|>; ids >= this are special tokens and never drawn as text
 
-TARGET_SPEEDUP = 1.5  # split vs whole (issue 6)
+TARGET_SPEEDUP = 1.5  # split vs whole
 TARGET_MEM_RATIO = 4.0
-TARGET_FAST_SPEEDUP = 3.0  # fast vs whole (issue 16)
+TARGET_FAST_SPEEDUP = 3.0  # fast vs whole
 TARGET_FAST_MEM_RATIO = 5.0
 TARGET_PEAK_FRACTION = 0.60  # forward-only embedding, text batches
 

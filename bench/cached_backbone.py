@@ -1,6 +1,6 @@
 """The default pipeline from a fresh clone whose DVC cache already holds the built-in backbone.
 
-Issue 5's target: under 5 minutes on 2 CPU cores. What it measures, step by step:
+The target: under 5 minutes on 2 CPU cores. What it measures, step by step:
 
 1. `git clone` this repository's HEAD into <work>/a, generate the world and `dvc repro pretrain`
    there (the committed dvc.lock names a backbone from another machine's run, which is not in

@@ -1,4 +1,4 @@
-"""Which CPU kernels decide the bits of a pretrained backbone? (issue 17, item 5)
+"""Which CPU kernels decide the bits of a pretrained backbone?
 
 Two hosts of the same type (Intel Xeon) gave the built-in backbone bit for bit; an AMD EPYC host
 gave another one from the same code, seed and thread count. This script looks for the cause on

@@ -64,10 +64,10 @@ def table(rows: list[dict]) -> str:
 
 
 def main():
+    from slq.io import write_json_atomic
     from slq.methods import METHODS
     from slq.miniature import study
     from slq.mlops.config import load_config, parse_set
-    from slq.io import write_json_atomic
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -1,4 +1,4 @@
-"""Which everyday facts does the frozen LM know? (issue 17, item 2)
+"""Which everyday facts does the frozen LM know?
 
 Ranks the world's answer words after each cue's question by the LM's own log-likelihood
 (slq.miniature.knowledge.probe) and reports, per colour, shape and count, the cues it knows.

@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "SLQEncoder": "slq.encoder",
     "fit": "slq.train",
-    "FitConfig": "slq.train",
+    "FitConfig": "slq.recipe",
+    "Prompts": "slq.prompts",
     "TrainingDiverged": "slq.train",
     "ContrastiveLoss": "slq.loss",
     "LatentQueries": "slq.queries",

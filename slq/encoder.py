@@ -9,9 +9,10 @@ An item's embedding does not depend on the rest of its batch (left padding, posi
 skip the pads), so inputs are freely re-ordered into length-sorted batches.
 
 This class is SLQ's encoder and the base of every method (`slq.methods`: one registered
-subclass per method, keeping its inputs, batching and checkpoint folder). `from_pretrained`
-returns the registered class of the `method` asked for, or of the one a checkpoint records;
-the registry sits above this module, which does not import it at import time.
+subclass per method, keeping its inputs, batching and checkpoint folder). `X.from_pretrained`
+builds class X and loads only checkpoints of X's method; `slq.methods.from_pretrained` (the
+registry, above this module, which never imports it) picks the class by a method's name or by
+the one a checkpoint records.
 """
 
 from __future__ import annotations
@@ -25,12 +26,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slq.backbones import BackboneAdapter
+from slq.backbones import BackboneAdapter, load_backbone
 from slq.backbones.base import Prompts
-from slq.checkpoint import CheckpointError, load_checkpoint, load_llm_weights, save_checkpoint
+from slq.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_llm_weights,
+    manifest_method,
+    read_manifest,
+    save_checkpoint,
+)
 from slq.inputs import check_text, load_image
 from slq.progress import bar
 from slq.queries import LatentQueries
+from slq.recipe import FitConfig
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -50,6 +59,7 @@ class SLQEncoder(nn.Module):
 
     method = "slq"  # the name of its method (slq.methods registers a class per method)
     pooling = "queries"  # the mean of the queries' last hidden states
+    poolings: tuple[str, ...] = ("queries",)  # the poolings the method takes; the first is its default
     split_exact = True  # the prompt's states do not depend on what trains: the split forward is exact
 
     def __init__(self, backbone: BackboneAdapter, queries: LatentQueries | None, prompts: Prompts | None = None):
@@ -84,7 +94,7 @@ class SLQEncoder(nn.Module):
         backbone: str | Path | None = None,
         queries: str | Path | None = None,
         *,
-        num_queries: int = 20,
+        num_queries: int = FitConfig.num_queries,
         init: str = "random",
         seed: int = 0,
         prompts: Prompts | dict | None = None,
@@ -93,10 +103,10 @@ class SLQEncoder(nn.Module):
         attn_implementation: str | None = None,
         method: str | None = None,
         pooling: str | None = None,
-        lora=None,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         allow_backbone_mismatch: bool = False,
+        **method_options,
     ) -> SLQEncoder:
         """Load a backbone (local HF checkpoint folder) and queries (a checkpoint folder or a fresh init).
 
@@ -105,24 +115,62 @@ class SLQEncoder(nn.Module):
         on (same content fingerprint; `allow_backbone_mismatch=True` overrides, at your risk).
         `min_pixels` / `max_pixels` bound the pixels, and so the visual tokens, of each image
         (Qwen-VL processors); None keeps the checkpoint's, else the backbone folder's own settings.
-        `method` (default: this class's), `pooling` and `lora` pick a method (its class registered
-        in slq.methods) for a fresh encoder; a checkpoint's manifest decides them for a trained one.
+        The encoder is this class's method: `method`, when given, must name it, and so must a
+        checkpoint's manifest (`slq.methods.from_pretrained` picks the class for any method).
+        `pooling` and `method_options` (e.g. `lora`, a LoraSpec or dict) are the method's own, for
+        a fresh encoder; a checkpoint's manifest decides them for a trained one.
         """
-        from slq.methods import from_pretrained  # the registry (above this module) picks the class
-
-        return from_pretrained(backbone, queries, num_queries=num_queries, init=init, seed=seed, prompts=prompts,
-                               dtype=dtype, device=device, attn_implementation=attn_implementation,
-                               method=method or cls.method, pooling=pooling, lora=lora, min_pixels=min_pixels,
-                               max_pixels=max_pixels, allow_backbone_mismatch=allow_backbone_mismatch)
+        options = {"pooling": pooling, **method_options}
+        manifest: dict = {}
+        if queries is not None:
+            manifest = read_manifest(queries)
+            method = manifest_method(manifest)
+            backbone = backbone or manifest["backbone"]["path"]
+            budget = manifest.get("pixel_override") or {}
+            min_pixels = min_pixels if min_pixels is not None else budget.get("min_pixels")
+            max_pixels = max_pixels if max_pixels is not None else budget.get("max_pixels")
+            prompts = prompts or manifest.get("prompts") or {}
+            options = cls.manifest_options(manifest)
+        if method is not None and method != cls.method:
+            where = f"checkpoint {queries} records method {method!r}" if queries is not None else f"method {method!r}"
+            raise ValueError(f"{cls.__name__}.from_pretrained builds method {cls.method!r}, but {where}: load it "
+                             "with slq.methods.from_pretrained, which picks the method's class")
+        options["pooling"] = cls.resolve_pooling(options.get("pooling"))
+        if backbone is None:
+            raise ValueError("give a backbone directory, or a query checkpoint that records one")
+        dev = resolve_device(device)
+        adapter = load_backbone(backbone, dtype=resolve_dtype(dtype, dev), device=dev,
+                                attn_implementation=attn_implementation, min_pixels=min_pixels, max_pixels=max_pixels)
+        if queries is None:
+            return cls.fresh(adapter, num_queries=num_queries, init=init, seed=seed, prompts=prompts, **options)
+        check_backbone(manifest, adapter, queries, allow_backbone_mismatch)
+        check_template(manifest, adapter, queries)
+        enc = cls.fresh(adapter, num_queries=manifest["num_queries"], prompts=prompts, **options)
+        enc._copy_trained(queries, resume=False)
+        enc.manifest = manifest
+        return enc
 
     @classmethod
-    def fresh(cls, adapter: BackboneAdapter, *, num_queries: int = 20, init: str = "random", seed: int = 0,
-              prompts: Prompts | dict | None = None, **method_options) -> SLQEncoder:
-        """An untrained encoder on a loaded backbone: SLQ's, which takes no method options (the
-        methods' classes in slq.methods take theirs: pooling, lora)."""
-        if any(v is not None for v in method_options.values()):
-            raise ValueError(f"{cls.__name__}.fresh takes no method options ({', '.join(method_options)}): "
-                             "build a method's encoder with slq.methods.get_method(name).fresh")
+    def resolve_pooling(cls, pooling: str | None) -> str:
+        """`pooling`, or the method's default when None; one the method does not take is an error."""
+        if pooling is None:
+            return cls.poolings[0]
+        if pooling not in cls.poolings:
+            raise ValueError(f"method {cls.method!r} takes pooling {' or '.join(cls.poolings)}, not {pooling!r}")
+        return pooling
+
+    @classmethod
+    def manifest_options(cls, manifest: dict) -> dict:
+        """The options `fresh` takes, as a checkpoint's manifest records them (`method_manifest`)."""
+        return {"pooling": manifest.get("pooling_mode", "queries")}  # written before the methods existed: queries
+
+    @classmethod
+    def fresh(cls, adapter: BackboneAdapter, *, num_queries: int = FitConfig.num_queries, init: str = "random",
+              seed: int = 0, prompts: Prompts | dict | None = None, pooling: str | None = None,
+              **method_options) -> SLQEncoder:
+        """An untrained encoder on a loaded backbone: SLQ's (query pooling). Options that other
+        methods take (e.g. `lora`) are ignored, so one set of settings builds any method."""
+        cls.resolve_pooling(pooling)
         return cls(adapter, new_queries(adapter, num_queries, init, seed), as_prompts(prompts))
 
     def save(self, out_dir: str | Path, log_temp: torch.Tensor | None = None, **manifest) -> Path:

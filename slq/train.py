@@ -21,35 +21,18 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from slq.io import write_atomic_dir
 from slq.loss import ContrastiveLoss, is_distributed, sync_gradients
+from slq.recipe import FitConfig  # re-exported: slq.train.FitConfig
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-@dataclass
-class FitConfig:
-    steps: int = 1000
-    batch_size: int = 32  # per rank
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
-    temperature: float = 0.07
-    save_every: int = 100
-    seed: int = 0
-    split_forward: bool = True  # prefix under no_grad into a KV cache; only the queries under autograd
-    max_text_tokens: int | None = 128  # a templated caption's token budget (the reference: 128); None: no cut
-    num_workers: int = 0  # DataLoader processes building batches ahead (0: in the training process)
-    prefix_buckets: int = 1  # split forward: the prompt in up to this many length groups (less padding; same result)
-    compile_queries: bool = False  # split forward: torch.compile the query step (CUDA graphs on GPU; same result)
 
 
 @dataclass
@@ -233,7 +216,7 @@ def fit(
 
 def _save_state(last: Path, encoder, loss_fn, opt, sched, step: int, history: list[dict], cfg: FitConfig):
     def write(tmp: Path):
-        encoder.save(tmp / "queries", log_temp=loss_fn.log_temp, training=asdict(cfg), step=step)
+        encoder.save(tmp / "queries", log_temp=loss_fn.log_temp, training=cfg.loop_settings(), step=step)
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step},
                    tmp / "train_state.pt")
         (tmp / "history.json").write_text(json.dumps(history))

@@ -109,7 +109,7 @@ def test_world_knowledge_runs_as_image_text(world):
     assert "(" in res.info["example"] and res.info["captions_per_image"] == 1
 
 
-# --- world_everyday: the scene named through the LM's own knowledge (issue 17) -------------------
+# --- world_everyday: the scene named through the LM's own knowledge -------------------
 
 PROBE = Path(__file__).resolve().parents[1] / "bench" / "results" / "lm_knowledge_smollm2.json"
 

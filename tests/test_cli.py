@@ -31,7 +31,7 @@ def proj(tmp_path_factory):
     from slq.miniature.tiny import build_tiny_backbone
     from slq.mlops.config import load_config
     from slq.encoder import SLQEncoder
-    from slq.mlops.index import _arrow_table
+    from slq.mlops.index import arrow_table
 
     root = tmp_path_factory.mktemp("cliproj")
     backbone = build_tiny_backbone("qwen2_vl", root / "models" / "tiny")
@@ -52,7 +52,7 @@ def proj(tmp_path_factory):
         vecs = rng.standard_normal((6, enc.backbone.hidden_size)).astype(np.float32)
         vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
         rows = [{"id": f"c{i}", "image_id": f"i{i}", "caption": f"caption {i}", "split": "test"} for i in range(6)]
-        db.create_table(f"slq_test_{modality}", data=_arrow_table(vecs, rows, modality, {}, ckpt_hash),
+        db.create_table(f"slq_test_{modality}", data=arrow_table(vecs, rows, modality, {}, ckpt_hash),
                         mode="overwrite")
 
     # metrics as the evaluate and train stages write them, plus a report file from `slq evaluate`
@@ -218,11 +218,12 @@ def test_promote_and_serve_a_version_that_exists(runner, proj, monkeypatch):
 def test_set_values_are_yaml_everywhere(proj, monkeypatch, runner):
     from flows.pipeline import parse_overrides
 
+    from slq.mlops.cli.common import config
     from slq.mlops.config import load_config
 
     root, _ = proj
     params = root / "params.yaml"
-    cfg = cli._config(params, ["train.steps=50", "evaluate.ks=[1, 2]", "train.lr=1e-3", "data.root=x/y"])
+    cfg = config(params, ["train.steps=50", "evaluate.ks=[1, 2]", "train.lr=1e-3", "data.root=x/y"])
     assert cfg.train.steps == 50 and cfg.evaluate.ks == [1, 2] and cfg.train.lr == 0.001 and cfg.data.root == "x/y"
     assert load_config(params, parse_overrides({"train.steps": "50"})).train.steps == 50  # a UI-typed run
     assert load_config(params, parse_overrides(["train.steps=50"])).train.steps == 50

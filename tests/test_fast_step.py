@@ -1,4 +1,4 @@
-"""The fast training step (issue 16): the prompt in length buckets, the query step compiled.
+"""The fast training step: the prompt in length buckets, the query step compiled.
 
 Same embeddings and query gradients as the plain split path (fp32), checked on a tiny model of
 a real class; plan_buckets checked against a brute force over every grouping of the rows.

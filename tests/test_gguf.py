@@ -297,6 +297,7 @@ def test_cli_builds_the_backbone_from_a_local_wheel(tiny, tmp_path, monkeypatch)
 
     import cli
     from slq.miniature import smollm2 as g
+    from slq.miniature.cli import FACT_PROBES
 
     _, _, gguf_path, wheel = tiny
     runner = CliRunner()
@@ -311,7 +312,7 @@ def test_cli_builds_the_backbone_from_a_local_wheel(tiny, tmp_path, monkeypatch)
     got = json.loads(res.stdout)
     assert Path(got["gguf"]).read_bytes() == gguf_path.read_bytes()
     assert Path(got["gguf"]).parent == out.parent
-    assert [r["prompt"] for r in got["probe"]] == list(cli.FACT_PROBES)
+    assert [r["prompt"] for r in got["probe"]] == list(FACT_PROBES)
     assert all(r["lm"] == r["llava"] for r in got["probe"])  # the wrapper keeps the LM's greedy answers
     from slq.backbones import load_backbone
 

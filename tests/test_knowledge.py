@@ -1,4 +1,4 @@
-"""The knowledge probe (issue 17, item 2): answers ranked by the frozen LM's own log-likelihood,
+"""The knowledge probe: answers ranked by the frozen LM's own log-likelihood,
 and cues that no training text states."""
 
 import random

@@ -6,7 +6,7 @@ import torch
 
 from slq.checkpoint import read_manifest
 from slq.encoder import SLQEncoder
-from slq.methods import SUMMARIZE_PROMPTS, check_method
+from slq.methods import SUMMARIZE_PROMPTS, check_method, from_pretrained
 from slq.train import FitConfig, fit
 
 STEP = FitConfig(steps=2, batch_size=8, lr=1e-2, warmup_steps=0, save_every=1000, seed=1)
@@ -22,7 +22,7 @@ def _changed(before, module):
 
 @pytest.mark.parametrize("method", ["slq", "lora", "full"])
 def test_one_training_step_changes_exactly_what_the_method_trains(tiny_dirs, color_pairs, method, tmp_path):
-    enc = SLQEncoder.from_pretrained(tiny_dirs["qwen2_vl"], num_queries=4, seed=0, method=method)
+    enc = from_pretrained(tiny_dirs["qwen2_vl"], num_queries=4, seed=0, method=method)
     model = enc.backbone.model
     before = _snapshot(model)
     q0 = enc.queries.weight.detach().clone() if enc.queries is not None else None
@@ -49,15 +49,15 @@ def test_one_training_step_changes_exactly_what_the_method_trains(tiny_dirs, col
     # The checkpoint records the method and reloads to the same embeddings.
     out = enc.save(tmp_path / method, log_temp=res.log_temp)
     assert read_manifest(out)["method"] == method
-    again = SLQEncoder.from_pretrained(queries=out)
-    assert again.method == method and again.pooling == enc.pooling
+    again = from_pretrained(queries=out)  # the manifest's method picks the class
+    assert again.method == method and again.pooling == enc.pooling and type(again) is type(enc)
     imgs = [p[0] for p in color_pairs[:3]]
     np.testing.assert_allclose(again.encode_image(imgs, progress=False), enc.encode_image(imgs, progress=False),
                                atol=1e-5)
 
 
 def test_zero_shot_uses_the_summarize_prompt_and_last_token_and_trains_nothing(tiny_dirs, color_pairs):
-    enc = SLQEncoder.from_pretrained(tiny_dirs["qwen2_vl"], method="zero_shot")
+    enc = from_pretrained(tiny_dirs["qwen2_vl"], method="zero_shot")
     assert enc.queries is None and enc.pooling == "last_token"
     assert enc.prompts.text == SUMMARIZE_PROMPTS["text"] and enc.prompts.add_generation_prompt
     chat = enc.prepare(texts=["a red circle"])
@@ -71,7 +71,7 @@ def test_zero_shot_uses_the_summarize_prompt_and_last_token_and_trains_nothing(t
 
 
 def test_lora_with_query_pooling_trains_both(tiny_dirs, color_pairs):
-    enc = SLQEncoder.from_pretrained(tiny_dirs["qwen2_vl"], num_queries=2, method="lora", pooling="queries")
+    enc = from_pretrained(tiny_dirs["qwen2_vl"], num_queries=2, method="lora", pooling="queries")
     q0 = enc.queries.weight.detach().clone()
     fit(enc, color_pairs, STEP, progress=False)
     assert not torch.equal(q0, enc.queries.weight)
@@ -125,12 +125,13 @@ def test_a_fifth_method_is_one_registered_class_and_loads_by_its_checkpoints_met
         tiny_dirs, color_pairs, tmp_path, fifth_method):
     import json
 
-    from slq.methods import METHODS, check_method, compared_methods, get_method, reference_method
+    from slq.methods import METHODS, check_method, compared_methods, get_method
+    from slq.methods import reference_method as reference
 
     assert get_method("norm_only") is fifth_method and list(METHODS)[-1] == "norm_only"
     assert check_method("norm_only", None) == "last_token" and "norm_only" in compared_methods()
-    assert reference_method() == "slq"
-    enc = SLQEncoder.from_pretrained(tiny_dirs["qwen2_vl"], method="norm_only")
+    assert reference() == "slq"
+    enc = from_pretrained(tiny_dirs["qwen2_vl"], method="norm_only")
     assert type(enc) is fifth_method and enc.queries is None and enc.prompts.text == SUMMARIZE_PROMPTS["text"]
     before = _snapshot(enc.backbone.model)
     res = fit(enc, color_pairs, STEP, progress=False)
@@ -140,11 +141,15 @@ def test_a_fifth_method_is_one_registered_class_and_loads_by_its_checkpoints_met
     manifest = json.loads((out / "slq.json").read_text())
     assert manifest["method"] == "norm_only" and manifest["pooling"] == "last_token_state_l2"
 
-    again = SLQEncoder.from_pretrained(queries=out)  # the manifest's `method` picks the class
+    again = from_pretrained(queries=out)  # the manifest's `method` picks the class
     assert type(again) is fifth_method and not any(p.requires_grad for p in again.backbone.decoder.parameters())
     texts = ["a red circle on the left", "a blue square"]
     np.testing.assert_allclose(again.encode_text(texts, progress=False), enc.encode_text(texts, progress=False),
                                atol=1e-5)
+    assert type(fifth_method.from_pretrained(queries=out)) is fifth_method  # its own class loads it too
+    with pytest.raises(ValueError, match="SLQEncoder.from_pretrained builds method 'slq', but checkpoint .* "
+                                         "records method 'norm_only'.*slq.methods.from_pretrained"):
+        SLQEncoder.from_pretrained(queries=out)  # the base class does not pick subclasses
 
 
 def test_an_unknown_method_is_a_clear_error_and_a_manifest_without_one_is_slq(tiny_dirs, tmp_path):
@@ -155,21 +160,22 @@ def test_an_unknown_method_is_a_clear_error_and_a_manifest_without_one_is_slq(ti
     listed = "use one of slq, zero_shot, lora, full"
     with pytest.raises(MethodError, match=f"unknown method 'clip': {listed}"):
         get_method("clip")
-    with pytest.raises(ValueError, match=f"unknown method 'clip': {listed}"):
-        SLQEncoder.from_pretrained(tiny_dirs["qwen2_vl"], method="clip")
-    enc = SLQEncoder.from_pretrained(tiny_dirs["qwen2_vl"], num_queries=2)
-    assert type(enc) is get_method("slq")
+    with pytest.raises(MethodError, match=f"unknown method 'clip': {listed}"):
+        from_pretrained(tiny_dirs["qwen2_vl"], method="clip")
+    enc = from_pretrained(tiny_dirs["qwen2_vl"], num_queries=2)
+    assert type(enc) is get_method("slq") and enc.split_exact and enc.pooling == "queries"
     out = enc.save(tmp_path / "ckpt")
     manifest_path = out / "slq.json"
     manifest = json.loads(manifest_path.read_text())
     manifest_path.write_text(json.dumps({**manifest, "method": "clip"}))
-    with pytest.raises(ValueError, match=f"unknown method 'clip': {listed}"):
-        SLQEncoder.from_pretrained(queries=out)
+    with pytest.raises(MethodError, match=f"unknown method 'clip': {listed}"):
+        from_pretrained(queries=out)
     del manifest["method"]  # written before the methods existed
     manifest_path.write_text(json.dumps(manifest))
-    old = SLQEncoder.from_pretrained(queries=out)
+    old = from_pretrained(queries=out)
     assert type(old) is get_method("slq") and old.pooling == "queries"
     np.testing.assert_array_equal(old.queries.weight.detach(), enc.queries.weight.detach())
+    assert type(SLQEncoder.from_pretrained(queries=out)) is SLQEncoder  # the base class: SLQ's encoder
     with pytest.raises(RuntimeError, match="registered twice"):
         register_method("lora")(type("Other", (get_method("full"),), {}))
     with pytest.raises(TypeError, match="not a MethodEncoder"):
@@ -237,7 +243,7 @@ def test_benchmarks_embed_with_the_checkpoints_own_prompts(tiny_dirs, tmp_path):
     from slq.benchmarks.base import Corpus
     from slq.benchmarks.cache import CachedEmbedder
 
-    enc = SLQEncoder.from_pretrained(tiny_dirs["qwen2_vl"], method="zero_shot")  # the summarize prompt
+    enc = from_pretrained(tiny_dirs["qwen2_vl"], method="zero_shot")  # the summarize prompt
     texts = ["a red circle on the left", "a blue square"]
     cached = CachedEmbedder(enc, tmp_path, "h", batch_size=2).embed(Corpus("text", texts, {}, "d"))
     np.testing.assert_allclose(cached, enc.encode_text(texts, progress=False), atol=1e-6)
@@ -288,11 +294,11 @@ def test_the_cache_tells_backbones_apart_when_the_checkpoint_is_empty(tiny_dirs,
     save_file({k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in weights.items()},
               str(other / "model.safetensors"), metadata={"format": "pt"})
     corpus = Corpus("text", ["a red circle on the left"], {}, "d")
-    a = CachedEmbedder(SLQEncoder.from_pretrained(tiny_dirs["qwen2_vl"], method="zero_shot"), tmp_path / "c", "h")
-    b = CachedEmbedder(SLQEncoder.from_pretrained(other, method="zero_shot"), tmp_path / "c", "h")
+    a = CachedEmbedder(from_pretrained(tiny_dirs["qwen2_vl"], method="zero_shot"), tmp_path / "c", "h")
+    b = CachedEmbedder(from_pretrained(other, method="zero_shot"), tmp_path / "c", "h")
     ea, eb = a.embed(corpus), b.embed(corpus)  # same (empty) checkpoint hash, same corpus
     assert b.misses == 1 and b.hits == 0 and not np.allclose(ea, eb)
-    again = CachedEmbedder(SLQEncoder.from_pretrained(other, method="zero_shot"), tmp_path / "c", "h")
+    again = CachedEmbedder(from_pretrained(other, method="zero_shot"), tmp_path / "c", "h")
     np.testing.assert_array_equal(again.embed(corpus), eb)
     assert again.hits == 1
 
@@ -317,7 +323,7 @@ def test_trained_baselines_share_slqs_prompt_and_zero_shot_keeps_its_own(tiny_di
 
 def test_lora_init_is_seeded(tiny_dirs):
     def lora_a(seed):
-        enc = SLQEncoder.from_pretrained(tiny_dirs["qwen2_vl"], method="lora", lora={"seed": seed})
+        enc = from_pretrained(tiny_dirs["qwen2_vl"], method="lora", lora={"seed": seed})
         enc.make_trainable()
         return torch.cat([p.detach().flatten() for n, p in enc.backbone.model.named_parameters() if "lora_A" in n])
 
@@ -359,7 +365,7 @@ def test_backbone_note_names_what_the_lm_knows(tmp_path):
     import json
 
     from slq.mlops.config import Config
-    from slq.mlops.comparison import _backbone_note
+    from slq.mlops.comparison import backbone_note as _backbone_note
 
     cfg = Config(root=str(tmp_path))
     cfg.pretrain.knowledge = "reports/lm_knowledge.json"
@@ -413,7 +419,7 @@ def test_benchmark_entries_are_keyed_by_label_and_a_label_twice_is_refused(tmp_p
 
 def test_methods_workers_is_one_per_core_on_cpu_one_on_gpu_and_checked(monkeypatch, tmp_path):
     from slq.mlops.config import load_config
-    from slq.mlops.stages import methods
+    from slq.mlops import baselines as methods
 
     cfg = load_config(None, {"backbone.device": "cpu"})  # the defaults: workers auto
     monkeypatch.setattr(methods, "cpu_count", lambda: 2)

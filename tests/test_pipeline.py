@@ -29,7 +29,8 @@ SMALL = {
 def make_project(dest: Path) -> Path:
     """A copy of the project's pipeline files with a reduced params.yaml."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("cli.py", "dvc.yaml", "README.md"):
+    for name in ("cli.py", "dvc.yaml", "docs/results.md"):
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, dest / name)
     for pkg in ("slq", "flows"):
         shutil.copytree(REPO / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__"))
@@ -96,11 +97,11 @@ def test_methods_are_compared_in_the_report_the_readme_and_mlflow(repro):
     for m in ("slq", "zero_shot", "lora", "full"):
         assert f"| {m} |" in table
     assert "world_knowledge t2i R@1" in table and "trainable params" in table
-    readme = (proj / "README.md").read_text()
-    assert readme == (REPO / "README.md").read_text()  # the pipeline writes no tracked file
+    results = (proj / "docs/results.md").read_text()
+    assert results == (REPO / "docs/results.md").read_text()  # the pipeline writes no tracked file
     sh(sys.executable, "cli.py", "readme", cwd=proj)  # `slq readme` copies the table in, stamped
-    readme = (proj / "README.md").read_text()
-    assert table.split("# Methods compared\n\n", 1)[1] in readme and "Copied by `slq readme`" in readme
+    results = (proj / "docs/results.md").read_text()
+    assert table.split("# Methods compared\n\n", 1)[1] in results and "Copied by `slq readme`" in results
     cmp = json.loads((proj / "metrics/compare.json").read_text())
     assert cmp["zero_shot"]["budget"]["trainable_params"] == 0
     assert 0 < cmp["slq"]["budget"]["trainable_params"] < cmp["lora"]["budget"]["trainable_params"]
@@ -210,7 +211,7 @@ def test_second_repro_does_nothing_and_param_change_reruns_from_train(repro):
     again = dvc("repro", cwd=proj).stdout
     assert "Running stage" not in again
     params = yaml.safe_load((proj / "params.yaml").read_text())
-    params["train"]["lr"] = params["train"]["lr"] / 2
+    params["train"]["lr"] = params["train"]["builtin"]["lr"] / 2  # SLQ's own lr, set over the built-in backbone's
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = dvc("repro", cwd=proj).stdout
     assert "Running stage 'validate'" not in out
@@ -430,7 +431,8 @@ def test_a_teammate_pulls_the_results_from_the_s3_remote_and_reruns_nothing(repr
     again = dvc("repro", cwd=clone).stdout
     assert "Running stage" not in again, again
 
-    lr = yaml.safe_load((clone / "params.yaml").read_text())["train"]["lr"]  # (an earlier test may have moved it)
+    train = yaml.safe_load((clone / "params.yaml").read_text())["train"]
+    lr = train.get("lr", train["builtin"]["lr"])  # (an earlier test may have set it over the built-in backbone's)
     dvc("exp", "run", "-n", "lr005", "-S", f"train.lr={lr * 3}", cwd=clone)
     shown = json.loads(dvc("exp", "show", "--json", cwd=clone).stdout)
     main = next(e for e in shown if e.get("name") == "main")

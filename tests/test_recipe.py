@@ -19,9 +19,13 @@ IMAGES = [Image.new("RGB", (60, 90), "red"), Image.new("RGB", (120, 60), "blue")
 
 
 def _enc(path, **kw):
+    """SLQ's encoder, or with `method` that method's (its class picked by the registry)."""
+    from slq.methods import from_pretrained
+
     kw.setdefault("num_queries", 4)
     kw.setdefault("seed", 1)
-    return SLQEncoder.from_pretrained(path, device="cpu", dtype=kw.pop("dtype", "float32"), **kw)
+    load = from_pretrained if "method" in kw else SLQEncoder.from_pretrained
+    return load(path, device="cpu", dtype=kw.pop("dtype", "float32"), **kw)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
-"""The real-LM pipeline's configuration (pipelines/smollm2): a complete params file whose outputs
-never collide with the default pipeline's, read by the same stage code, and a dvc.yaml that DVC
-accepts beside the default one. (Running it needs PyPI and ~40 min: docs/methods.md.)"""
+"""The real-LM pipeline's configuration (pipelines/smollm2): a params overlay on params.yaml whose
+outputs never collide with the default pipeline's, read by the same stage code, and a dvc.yaml that
+DVC accepts beside the default one. (Running it needs PyPI and ~40 min: docs/methods.md.)"""
 
 import subprocess
 import sys
@@ -25,11 +25,12 @@ def _paths(cfg) -> dict:
     return {f"{s}.{k}": cfg.path(d[s][k]) for s, ks in keys.items() for k in ks if d[s][k]}
 
 
-def test_the_real_lm_params_are_complete_and_apart_from_the_default():
+def test_the_real_lm_params_are_an_overlay_apart_from_the_default():
     default, smol = load_config(REPO / "params.yaml"), load_config(PIPE / "params.yaml")
     assert Path(smol.root).resolve() == Path.cwd().resolve()  # `root: .`: run from the project folder (wdir ../..)
     raw = yaml.safe_load((PIPE / "params.yaml").read_text())
-    assert set(raw) - {"root"} == set(yaml.safe_load((REPO / "params.yaml").read_text()))  # every section
+    assert (PIPE / raw["extends"]).resolve() == REPO / "params.yaml"  # only what differs from the default
+    assert set(raw) - {"root", "extends"} <= set(yaml.safe_load((REPO / "params.yaml").read_text()))
     mine, theirs = _paths(smol), _paths(load_config(REPO / "params.yaml"))
     assert not set(mine.values()) & set(theirs.values()), sorted(set(mine.values()) & set(theirs.values()))
     assert smol.data == default.data and smol.pretrain.lm == "smollm2"
@@ -54,3 +55,21 @@ def test_dvc_reads_both_pipelines_and_plain_repro_stays_the_default():
         assert st["wdir"] == "../.."
         assert name == "gguf" or st["cmd"] == f"python cli.py stage {name} -p pipelines/smollm2/params.yaml"
     assert "smollm2" not in (REPO / "dvc.yaml").read_text()
+
+
+def test_every_param_its_stages_name_is_in_the_file_named():
+    """DVC reads the params files itself and fails a stage (after it ran) on a key they lack: the
+    overlay names its own sections, params.yaml (its base) the keys the default stage reads."""
+    stages = yaml.safe_load((PIPE / "dvc.yaml").read_text())["stages"]
+    named = 0
+    for name, st in stages.items():
+        for entry in st.get("params", []):
+            for file, keys in (entry.items() if isinstance(entry, dict) else [("params.yaml", [entry])]):
+                doc = yaml.safe_load((REPO / file).read_text())
+                for key in keys:
+                    node = doc
+                    for part in key.split("."):
+                        assert isinstance(node, dict) and part in node, f"{name}: {file} has no {key}"
+                        node = node[part]
+                    named += 1
+    assert named > 20

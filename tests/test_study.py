@@ -211,7 +211,7 @@ def test_changed_recipe_reruns_a_path_does_not(cfg):
     cfg.pretrain.seed = 99  # the study sets each seed itself
     assert study.run_study(cfg, range(2), "studies", jobs=1, **FAKE).key == a.key
     assert CALLS == []
-    cfg.pretrain.steps = 1800
+    cfg.pretrain.steps *= 2
     b = study.run_study(cfg, range(2), "studies", jobs=1, **FAKE)
     assert b.key != a.key and pretrained_seeds() == [0, 1]
     CALLS.clear()
@@ -593,7 +593,7 @@ def test_cli_study_seeds(tmp_path, monkeypatch):
 
 def test_a_study_resumes_from_what_git_keeps(cfg, tmp_path):
     """Finished seeds' results, their methods' scores and the recipe are versioned (the project's
-    .gitignore), the backbones, checkpoints and caches are not: a fresh clone (another session, a
+    .gitignore), the backbones, checkpoints and caches are not: a fresh clone (later, or a
     teammate) reruns no finished seed."""
     import shutil
     import subprocess

@@ -86,7 +86,7 @@ def require(root: Path, relpaths, what: str) -> list[Path]:
     if missing:
         raise MissingData(
             f"{what}: expected file(s) not found under {root}: {', '.join(missing)}. "
-            "Point this benchmark's `root` in params.yaml at a local copy laid out as in the README."
+            "Point this benchmark's `root` in params.yaml at a local copy laid out as in docs/benchmarks-data.md."
         )
     return paths
 

@@ -35,7 +35,6 @@ then `train.method: prefix` or `methods.compare: [..., prefix]` (with its `metho
 / `prompts` entries) run it, and its checkpoints load by their manifest's `method`.
 """
 
-# Importing the method modules registers them (in this order: METHODS lists them so).
 from slq.methods.base import (
     DEFAULT_METHOD,
     METHODS,
@@ -50,10 +49,14 @@ from slq.methods.base import (
     reference_method,
     register_method,
 )
-from slq.methods.slq import SLQ  # noqa: E402,I001
-from slq.methods.zero_shot import ZeroShot  # noqa: E402
-from slq.methods.lora import LORA_TARGETS, LoRA, LoraSpec, apply_lora  # noqa: E402
-from slq.methods.full import Full, unfreeze_llm  # noqa: E402
+
+# isort: off
+# Importing the method modules registers them, in this order (METHODS lists them so).
+from slq.methods.slq import SLQ
+from slq.methods.zero_shot import ZeroShot
+from slq.methods.lora import LORA_TARGETS, LoRA, LoraSpec, apply_lora
+from slq.methods.full import Full, unfreeze_llm
+# isort: on
 
 __all__ = [
     "DEFAULT_METHOD",

@@ -1,8 +1,9 @@
 """The method registry, the base class every method subclasses, and the loader that picks a
 method's class by name (a fresh encoder's `method`, or a checkpoint manifest's).
 
-This module sits above `slq.encoder`: it imports the encoder, never the other way at import
-time (`SLQEncoder.from_pretrained` calls `from_pretrained` here when it runs).
+This module sits above `slq.encoder`, which never imports it: `SLQEncoder.from_pretrained` builds
+its own class; `from_pretrained` here finds the class a name or a checkpoint asks for, then calls
+that class's `from_pretrained`.
 """
 
 from __future__ import annotations
@@ -14,18 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slq.backbones import load_backbone
 from slq.backbones.base import Prompts
 from slq.checkpoint import load_llm_weights, manifest_method, read_manifest
-from slq.encoder import (
-    SLQEncoder,
-    as_prompts,
-    check_backbone,
-    check_template,
-    new_queries,
-    resolve_device,
-    resolve_dtype,
-)
+from slq.encoder import SLQEncoder, as_prompts, new_queries
+from slq.recipe import FitConfig
 
 _REGISTRY: dict[str, type[MethodEncoder]] = {}
 METHODS = types.MappingProxyType(_REGISTRY)  # name -> class, in registration order (read-only view)
@@ -79,7 +72,18 @@ def get_method(name: str) -> type[MethodEncoder]:
 
 def check_method(method: str, pooling: str | None) -> str:
     """The pooling `method` uses (its default when `pooling` is None); errors name the choices."""
-    return get_method(method).resolve_pooling(pooling)
+    klass = get_method(method)
+    if pooling is None or pooling in klass.poolings:
+        return klass.resolve_pooling(pooling)
+    if pooling not in POOLINGS:
+        raise MethodError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
+    takes = (f"pools by {_POOLING_WORDS[klass.poolings[0]]} (pooling: {klass.poolings[0]})"
+             if len(klass.poolings) == 1 else f"pools by one of {', '.join(klass.poolings)}")
+    others = [repr(n) for n, c in _REGISTRY.items() if pooling in c.poolings]
+    if len(others) > 1:
+        others = [", ".join(others[:-1]), others[-1]]
+    hint = f"; {pooling} pooling is {' or '.join(others)}" if others else ""
+    raise MethodError(f"method {method!r} {takes}{hint}")
 
 
 def reference_method() -> str:
@@ -116,23 +120,7 @@ class MethodEncoder(SLQEncoder):
         self._llm_params: list[nn.Parameter] = []
 
     @classmethod
-    def resolve_pooling(cls, pooling: str | None) -> str:
-        """`pooling`, or the method's default when None; errors name the choices."""
-        if pooling is None:
-            return cls.poolings[0]
-        if pooling not in POOLINGS:
-            raise MethodError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
-        if pooling not in cls.poolings:
-            takes = (f"pools by {_POOLING_WORDS[cls.poolings[0]]} (pooling: {cls.poolings[0]})"
-                     if len(cls.poolings) == 1 else f"pools by one of {', '.join(cls.poolings)}")
-            others = [repr(n) for n, c in _REGISTRY.items() if pooling in c.poolings]
-            hint = f"; {pooling} pooling is {', '.join(others[:-1])} or {others[-1]}" if len(others) > 1 else \
-                (f"; {pooling} pooling is {others[0]}" if others else "")
-            raise MethodError(f"method {cls.method!r} {takes}{hint}")
-        return pooling
-
-    @classmethod
-    def fresh(cls, adapter, *, num_queries: int = 20, init: str = "random", seed: int = 0,
+    def fresh(cls, adapter, *, num_queries: int = FitConfig.num_queries, init: str = "random", seed: int = 0,
               prompts: Prompts | dict | None = None, pooling: str | None = None, **options) -> MethodEncoder:
         """An untrained encoder: queries only for query pooling; last-token pooling reads the E5-V
         style summarize prompt unless `prompts` are given."""
@@ -141,11 +129,6 @@ class MethodEncoder(SLQEncoder):
         if prompts is None and pooling == "last_token":
             prompts = dict(SUMMARIZE_PROMPTS)
         return cls(adapter, queries, as_prompts(prompts), pooling=pooling, **options)
-
-    @classmethod
-    def manifest_options(cls, manifest: dict) -> dict:
-        """The options `fresh` takes, as a checkpoint's manifest records them (`method_manifest`)."""
-        return {"pooling": manifest.get("pooling_mode", "queries")}  # written before the methods existed: queries
 
     def make_trainable(self) -> None:
         """Unfreeze what the method trains in the LLM (`train_llm`), once."""
@@ -189,51 +172,16 @@ class MethodEncoder(SLQEncoder):
                 p.requires_grad_(False)
 
 
-def from_pretrained(
-    backbone: str | Path | None = None,
-    queries: str | Path | None = None,
-    *,
-    num_queries: int = 20,
-    init: str = "random",
-    seed: int = 0,
-    prompts: Prompts | dict | None = None,
-    dtype=None,
-    device=None,
-    attn_implementation: str | None = None,
-    method: str | None = None,
-    pooling: str | None = None,
-    lora=None,
-    min_pixels: int | None = None,
-    max_pixels: int | None = None,
-    allow_backbone_mismatch: bool = False,
-) -> MethodEncoder:
-    """A method's encoder on a backbone: fresh (`method`, default slq, with `pooling`, `lora`), or
-    a checkpoint's (`queries`: its manifest's method, pooling and options decide). See
-    `SLQEncoder.from_pretrained`, which calls this, for the arguments."""
-    manifest: dict = {}
+def from_pretrained(backbone: str | Path | None = None, queries: str | Path | None = None, *,
+                    method: str | None = None, pooling: str | None = None, lora=None, **kwargs) -> SLQEncoder:
+    """The encoder of any registered method, as `SLQEncoder.from_pretrained` takes its arguments:
+    a fresh one of `method` (default slq) with its `pooling` and options (`lora`: a LoraSpec or
+    dict, for lora), or a checkpoint's (`queries`), whose manifest's `method` picks the class (a
+    manifest without one: slq) and whose manifest decides the pooling and options."""
     if queries is not None:
-        manifest = read_manifest(queries)
-        backbone = backbone or manifest["backbone"]["path"]
-        budget = manifest.get("pixel_override") or {}
-        min_pixels = min_pixels if min_pixels is not None else budget.get("min_pixels")
-        max_pixels = max_pixels if max_pixels is not None else budget.get("max_pixels")
-        prompts = prompts or manifest.get("prompts") or {}
-        klass = get_method(manifest_method(manifest))
-        options = klass.manifest_options(manifest)
-    else:
-        klass = get_method(method or DEFAULT_METHOD)
-        options = {"pooling": pooling, "lora": lora}
-    klass.resolve_pooling(options.get("pooling"))  # a bad setting fails before the backbone loads
-    if backbone is None:
-        raise ValueError("give a backbone directory, or a query checkpoint that records one")
-    dev = resolve_device(device)
-    adapter = load_backbone(backbone, dtype=resolve_dtype(dtype, dev), device=dev,
-                            attn_implementation=attn_implementation, min_pixels=min_pixels, max_pixels=max_pixels)
-    if queries is None:
-        return klass.fresh(adapter, num_queries=num_queries, init=init, seed=seed, prompts=prompts, **options)
-    check_backbone(manifest, adapter, queries, allow_backbone_mismatch)
-    check_template(manifest, adapter, queries)
-    enc = klass.fresh(adapter, num_queries=manifest["num_queries"], prompts=prompts, **options)
-    enc._copy_trained(queries, resume=False)
-    enc.manifest = manifest
-    return enc
+        klass = get_method(manifest_method(read_manifest(queries)))
+        return klass.from_pretrained(backbone, queries, **kwargs)
+    name = method or DEFAULT_METHOD
+    klass = get_method(name)
+    check_method(name, pooling)  # a bad pooling fails before the backbone loads, naming who takes it
+    return klass.from_pretrained(backbone, pooling=pooling, lora=lora, **kwargs)

@@ -138,7 +138,7 @@ class WorldKnowledge(World):
 
 @register_benchmark("world_everyday")
 class WorldEveryday(World):
-    """Retrieval through the frozen LM's own everyday knowledge (issue 17): each scene named only by
+    """Retrieval through the frozen LM's own everyday knowledge: each scene named only by
     cues a knowledge probe showed the LM to know ("shaped like a wheel, the colour of snow"; counts
     "as many shapes as there are wheels on a bicycle"), none of them stated in any training caption.
     `cues`: the probe report (the pretrain stage writes it for a real LM: pretrain.knowledge).

@@ -1,6 +1,6 @@
 """What a frozen language model knows about the world's colours, shapes and counts.
 
-The knowledge split of issue 17 names a scene through everyday knowledge that the world never
+The knowledge split names a scene through everyday knowledge that the world never
 teaches: "the colour of a ripe banana" for yellow, "shaped like a slice of pizza" for a triangle,
 "as many as the wheels of a bicycle" for two. Such a query tests the paper's claim only if the
 frozen LM itself knows the fact and no training text states it. This module holds the candidate
@@ -142,7 +142,7 @@ def check_unseen(cues: dict[tuple[str, str], list[str]] | Iterable[str], texts: 
                                  "drop the cue or the text")
 
 
-# --- the everyday-knowledge split (issue 17, item 2) --------------------------------------------
+# --- the everyday-knowledge split --------------------------------------------
 
 PHRASES = {  # how a query names an answer through a cue
     "colour": "the colour of {cue}",

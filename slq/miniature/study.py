@@ -18,8 +18,8 @@ Every file is written whole or not at all (temp file, then rename). Every step r
 the study started with (`SameCode`): an edit to slq while a study runs fails the steps after it,
 by name, instead of mixing two versions of the code in one result. The results, the methods'
 scores and `recipe.json` (a few KB a seed) are versioned in git, the backbones, checkpoints and
-caches are not (the project's .gitignore): a study resumes from a fresh clone, in another
-session or on a teammate's machine, without rerunning a finished seed.
+caches are not (the project's .gitignore): a study resumes from a fresh clone, later
+or on a teammate's machine, without rerunning a finished seed.
 
 `aggregate` is a pure function of the per-seed results: for every method, split and metric the
 mean, the standard deviation and a 95% Student-t interval over seeds (n - 1 degrees of freedom),
@@ -195,7 +195,7 @@ def run_step(cfg: Config, job: SeedJob, step: str, on_event: Callable | None = N
     if pre["reused"] and _has_captions(kept, job.captions):
         return
     caps = caption_accuracy(Path(c.pretrain.out), c, job.captions) if job.captions else {}
-    # the machine of the process that pretrained: its thread count decides the backbone (issue 17);
+    # the machine of the process that pretrained: its thread count decides the backbone;
     # `seconds`: what this step cost the study named in `study` (kept for a resumed study's sums)
     write_json_atomic(path, {"pretrain": pre, "captions": caps, "captions_n": job.captions,
                              "machine": kept.get("machine") if pre["reused"] else machine(),
@@ -309,7 +309,7 @@ def caption_accuracy(backbone_dir: Path, cfg: Config, n: int) -> dict:
 
 
 def machine() -> dict:
-    """What the numbers were measured on (backbones differ between machines: issue 17)."""
+    """What the numbers were measured on (backbones differ between machines)."""
     import os
     import platform
 

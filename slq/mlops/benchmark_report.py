@@ -24,7 +24,7 @@ from slq.benchmarks.base import Result
 from slq.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 NA = "—"
-# "Always report" (docs/benchmarks.md): meta key -> label; absent keys print as "not recorded".
+# "Always report" (docs/benchmarks-data.md): meta key -> label; absent keys print as "not recorded".
 HEADER = [
     ("backbone", "Backbone"),
     ("revision", "Backbone revision"),

@@ -21,7 +21,7 @@ HISTORY_FIELDS = ["step", "loss", "lr", "grad_norm", "step_time"]
 
 def is_builtin(cfg: Config) -> bool:
     """Whether the configured backbone is the built-in one (made by the pretrain stage)."""
-    return cfg.backbone.builtin and cfg.path(cfg.backbone.path) == cfg.path(cfg.pretrain.out)
+    return cfg.uses_builtin_backbone()
 
 
 def build_backbone(cfg: Config) -> dict:

@@ -167,7 +167,7 @@ def backbone_note(cfg: Config) -> str:
 
 
 def readme_table(cfg: Config) -> str:
-    """The methods report's table for the README, stamped with where it came from (commit, machine)."""
+    """The methods report's table for the results page (docs/results.md), stamped with where it came from (commit, machine)."""
     import datetime
     import os
     import platform
@@ -189,7 +189,7 @@ def readme_table(cfg: Config) -> str:
 
 
 def update_readme(readme: Path, table: str) -> bool:
-    """Replace the text between the markers; a README without them is left alone (returns False)."""
+    """Replace the text between the markers; a page without them is left alone (returns False)."""
     if not readme.is_file():
         return False
     text = readme.read_text(encoding="utf-8")

@@ -1,8 +1,12 @@
 """Typed configuration: one tree of dataclasses loaded from params.yaml and validated on load.
 
-Every path and setting lives in params.yaml; each pipeline stage reads its own section (same
-name as the stage module and the dvc.yaml stage). Unknown keys are errors, so a typo in
-params.yaml is caught before any work starts.
+The defaults are written once, in these classes: the library's for the recipe (`prompts`:
+slq.prompts.Prompts, `train`: slq.recipe.FitConfig, the paper's values), the rest here. A params
+file holds every path and only the settings that differ; an overlay (pipelines/smollm2/params.yaml)
+names its base with `extends:`, and a section's `builtin:` block holds the built-in backbone's own
+values (see `load_config`). Each pipeline stage reads its own section (same name as the stage
+module and the dvc.yaml stage). Unknown keys are errors, so a typo in params.yaml is caught before
+any work starts.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
+
+from slq.prompts import Prompts
+from slq.recipe import FitConfig
 
 
 class ConfigError(ValueError):
@@ -57,7 +64,7 @@ class PretrainConfig:
     image_pixels: int = 96  # side the processor resizes world images to (patch x merge units)
     n_scenes: int = 6000  # pretraining scenes, none of them a val or test scene
     image_size: int = 64  # rendered side (as data.image_size)
-    steps: int = 900
+    steps: int = 1800  # 900 leaves 3 of 5 seeds' backbones weak for every method (docs/methods.md)
     batch_size: int = 40
     lr: float = 4e-3
     vision_lr_scale: float = 0.0  # the vision encoder's lr as a share of `lr` (0 freezes it); projector: `lr`
@@ -93,18 +100,6 @@ class BackboneConfig:
 
 
 @dataclass
-class PromptConfig:
-    """The reference recipe by default (slq.backbones.base.Prompts): the caption or the image alone
-    in the user turn of the model's chat template, then the opened assistant turn."""
-
-    text: str = "{text}"
-    image: str = ""
-    multimodal: str = "{text}"
-    add_generation_prompt: bool = True
-    system: str | None = None  # None: what the family's template does (Qwen2/2.5-VL: its default system prompt)
-
-
-@dataclass
 class ValidateConfig:
     report: str = "reports/validate.json"
     data_docs: str = "reports/data_docs"
@@ -116,34 +111,6 @@ class ValidateConfig:
     # each image's sha256 and decode check, keyed by (path, size, mtime): a re-run reads only new or
     # changed files (COCO: ~123K images); null: no cache
     cache: str | None = "artifacts/validate_cache.sqlite"
-
-
-@dataclass
-class TrainConfig:
-    out: str = "checkpoints/slq"  # the checkpoint folder (DVC output)
-    work_dir: str = "checkpoints/.work"  # periodic checkpoints for resume
-    metrics: str = "metrics/train.json"
-    history: str = "metrics/train_history.csv"
-    num_queries: int = 8
-    init: str = "random"  # "random" or "text:<words>" (token embeddings of a text)
-    steps: int = 300
-    batch_size: int = 32
-    lr: float = 5e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 30
-    grad_clip: float = 1.0
-    temperature: float = 0.07
-    save_every: int = 100
-    seed: int = 0
-    split_forward: bool = True
-    max_text_tokens: int | None = 128  # a templated caption's token budget in training (the reference: 128)
-    num_workers: int = 0  # DataLoader processes building batches ahead (decode + processor); 0: in-process
-    prefix_buckets: int = 1  # split forward: the prompt in up to this many length groups (less padding; same result)
-    compile_queries: bool = False  # split forward: torch.compile the query step (CUDA graphs on GPU; same result)
-    method: str = "slq"  # slq | zero_shot | lora | full (slq.methods)
-    pooling: str | None = None  # the method's default: queries for slq, last_token otherwise
-    lora_r: int = 8
-    lora_alpha: int = 16
 
 
 @dataclass
@@ -274,9 +241,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    prompts: PromptConfig = field(default_factory=PromptConfig)
+    prompts: Prompts = field(default_factory=Prompts)  # slq/prompts.py: the reference recipe
     validate: ValidateConfig = field(default_factory=ValidateConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: FitConfig = field(default_factory=FitConfig)  # slq/recipe.py: the paper's recipe
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
@@ -295,6 +262,10 @@ class Config:
         d = dataclasses.asdict(self)
         d.pop("root")
         return d
+
+    def uses_builtin_backbone(self) -> bool:
+        """Whether the backbone is the built-in one: backbone.builtin, and backbone.path is pretrain.out."""
+        return self.backbone.builtin and self.path(self.backbone.path) == self.path(self.pretrain.out)
 
 
 def _build(cls, values: dict, where: str):
@@ -366,28 +337,91 @@ def parse_set(items) -> dict:
     return out
 
 
+BUILTIN = "builtin"  # a section's values for the built-in backbone (sections without a `builtin` field)
+EXTENDS = "extends"  # an overlay's base params file, relative to the overlay's folder
+
+
+def _read(path: Path, chain: tuple = ()) -> dict:
+    """A params file's mapping, laid over its `extends` base (recursively)."""
+    import yaml
+
+    if not path.is_file():
+        what = "is a folder, not a params file" if path.is_dir() else "not found"
+        hint = f" (named by `{EXTENDS}` in {chain[-1]})" if chain else (
+            " (run from the project folder, or pass the project's params.yaml with -p)")
+        raise ConfigError(f"params file {what}: {path.resolve()}{hint}")
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: `{EXTENDS}` loops back to it ({' -> '.join(map(str, chain))})")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: must be a mapping of sections, got {type(values).__name__}")
+    base = values.pop(EXTENDS, None)
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: `{EXTENDS}` must be a params file's path, got {base!r}")
+    under = _read(path.parent / base, (*chain, path.resolve()))
+    under.pop("root", None)  # relative paths are taken from the overlay's root, never the base's
+    return _merge(under, values)
+
+
+def _merge(base: dict, over: dict, cls=Config) -> dict:
+    """`over` laid over `base`, key by key down to `cls`'s fields: a section, a nested section
+    (corpus.storage) or a section's `builtin` block merges; any other value (a list, a dict such as
+    pretrain.mix) replaces the base's whole."""
+    out = dict(base)
+    hints = get_type_hints(cls)
+    for k, v in over.items():
+        sub = hints.get(k)
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            if sub is not None and dataclasses.is_dataclass(sub):
+                out[k] = _merge(out[k], v, sub)
+                continue
+            if k == BUILTIN and sub is None and cls is not Config:
+                out[k] = _merge(out[k], v, cls)
+                continue
+        out[k] = v
+    return out
+
+
+def _take_builtin(values: dict) -> dict:
+    """Remove every section's `builtin` block from `values`; return them, {section: block}."""
+    hints = get_type_hints(Config)
+    blocks = {}
+    for name, section in values.items():
+        cls = hints.get(name)
+        if not (isinstance(section, dict) and dataclasses.is_dataclass(cls) and BUILTIN in section):
+            continue
+        if BUILTIN in {f.name for f in dataclasses.fields(cls)}:
+            continue  # data.builtin, backbone.builtin: flags
+        block = section.pop(BUILTIN)
+        if name == "pretrain":
+            raise ConfigError("params.yaml: `pretrain.builtin`: the pretrain section is the built-in backbone's")
+        if block is not None:
+            _build(cls, block, f"{name}.{BUILTIN}")  # checked even when unused
+            blocks[name] = block
+    return blocks
+
+
 def load_config(path: str | Path | None = "params.yaml", overrides: dict | list[str] | None = None) -> Config:
-    """Load params.yaml (missing sections take their defaults) and apply dotted-key overrides.
+    """Load params.yaml (missing sections and keys take their defaults) and apply dotted-key overrides.
 
     A params file that does not exist is an error (never a silent run on the defaults); `path=None`
     is the defaults alone, rooted at the current folder. `overrides`: {"train.steps": 50} (values
     as given) or ["train.steps=50", ...] (each value parsed as YAML, as `--set` on the CLI).
-    """
-    import yaml
 
+    Layers, lowest first: the defaults (the paper's recipe); a section's `builtin:` block, while the
+    backbone is the built-in one (`Config.uses_builtin_backbone`); the params file, laid over the file
+    its `extends:` names (relative paths are taken from the file's own `root`, else its folder);
+    the overrides.
+    """
     values = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            what = "is a folder, not a params file" if path.is_dir() else "not found"
-            raise ConfigError(f"params file {what}: {path.resolve()} (run from the project folder, or pass "
-                              f"the project's params.yaml with -p)")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: must be a mapping of sections, got {type(values).__name__}")
+        values = _read(path)
     if isinstance(overrides, (list, tuple)):
         overrides = parse_set(overrides)
     for key, value in (overrides or {}).items():
@@ -404,4 +438,8 @@ def load_config(path: str | Path | None = "params.yaml", overrides: dict | list[
         values.setdefault("root", ".")
     else:
         values.setdefault("root", str(path.parent if path.parent != Path("") else Path(".")))
-    return _build(Config, values, "")
+    blocks = _take_builtin(values)
+    cfg = _build(Config, values, "")
+    if blocks and cfg.uses_builtin_backbone():
+        cfg = _build(Config, _merge(blocks, values), "")  # the file's own values over the blocks
+    return cfg

@@ -19,21 +19,6 @@ from slq.mlops.config import Config
 STAGES = ("validate", "pretrain", "train", "embed", "index", "evaluate", "methods", "compare", "register")
 
 
-def ensure_data(cfg: Config, regenerate: bool = False) -> Path:
-    """The dataset folder; the built-in synthetic world is generated there when missing."""
-    root = cfg.path(cfg.data.root)
-    if (root / cfg.data.manifest).exists() and not regenerate:
-        return root
-    if not cfg.data.builtin:
-        raise FileNotFoundError(
-            f"dataset manifest {root / cfg.data.manifest} not found: point data.root in params.yaml at your "
-            "data (or set data.builtin: true to generate the synthetic world)"
-        )
-    from slq.mlops import builtin
-
-    return builtin.generate_world(cfg, root)
-
-
 def run_stage(name: str, cfg: Config, method: str | None = None) -> dict:
     """Run one stage by name; returns its summary (metrics, paths). `method`: the methods stage's
     one method (dvc.yaml runs one per stage); default every method in methods.compare."""
@@ -41,8 +26,6 @@ def run_stage(name: str, cfg: Config, method: str | None = None) -> dict:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     if method is not None and name != "methods":
         raise ValueError(f"--method applies to the methods stage only, not {name!r}")
-    if name == "validate":
-        ensure_data(cfg)
     import importlib
 
     from slq.mlops import tracking

@@ -44,6 +44,36 @@ def lance_tables(db) -> list[str]:
             return names
 
 
+def _index_dir(cfg: Config):
+    """The index's LanceDB folder (index.uri), or SearchError when the index stage has not made it."""
+    uri = cfg.path(cfg.index.uri)
+    if not uri.is_dir():
+        raise SearchError(f"no LanceDB index at {uri}: run the pipeline first (`slq run` or `dvc repro`)")
+    return uri
+
+
+def _no_table(cfg: Config, names: list[str], split: str, target: str) -> SearchError:
+    """The error for a (split, target) without a table among `names`: it lists the splits that have one."""
+    prefix, suffix = f"{cfg.index.table_prefix}_", f"_{target}"
+    splits = sorted(n[len(prefix):-len(suffix)] for n in names if n.startswith(prefix) and n.endswith(suffix))
+    article = "an" if target == "image" else "a"
+    return SearchError(f"no index for split {split!r} (table {table_name(cfg, split, target)}); splits with "
+                       f"{article} {target} index: {', '.join(splits) or 'none'} (the index stage indexes "
+                       "embed.splits)")
+
+
+def index_table(cfg: Config, split: str, target: str) -> str:
+    """The name of the index's LanceDB table of (split, target), checked to exist (SearchError: no
+    index yet, or none for that split), without opening it or loading an encoder."""
+    import lancedb
+
+    names = lance_tables(lancedb.connect(str(_index_dir(cfg))))
+    name = table_name(cfg, split, target)
+    if name not in names:
+        raise _no_table(cfg, names, split, target)
+    return name
+
+
 def check_checkpoint(tbl, name: str, expected: str, source: str = "the loaded checkpoint") -> None:
     """CheckpointMismatch unless every row of `tbl` carries checkpoint hash `expected`."""
     quoted = expected.replace("'", "''")
@@ -81,9 +111,7 @@ class Searcher:
                  source: str = "the loaded checkpoint"):
         import lancedb
 
-        uri = cfg.path(cfg.index.uri)
-        if not uri.is_dir():
-            raise SearchError(f"no LanceDB index at {uri}: run the pipeline first (`slq run` or `dvc repro`)")
+        uri = _index_dir(cfg)
         self.cfg, self.checkpoint_hash, self.exact, self.source = cfg, checkpoint_hash, exact, source
         self.db = lancedb.connect(str(uri))
         report = cfg.path(cfg.index.out)
@@ -100,13 +128,7 @@ class Searcher:
             if name not in self._open:
                 names = lance_tables(self.db)
                 if name not in names:
-                    prefix, suffix = f"{self.cfg.index.table_prefix}_", f"_{target}"
-                    splits = sorted(n[len(prefix):-len(suffix)] for n in names
-                                    if n.startswith(prefix) and n.endswith(suffix))
-                    article = "an" if target == "image" else "a"
-                    raise SearchError(
-                        f"no index for split {split!r} (table {name}); splits with {article} {target} index: "
-                        f"{', '.join(splits) or 'none'} (the index stage indexes embed.splits)")
+                    raise _no_table(self.cfg, names, split, target)
                 tbl = self.db.open_table(name)
                 check_checkpoint(tbl, name, self.checkpoint_hash, self.source)
                 settings, why = (None, "exact search was asked for") if self.exact else \

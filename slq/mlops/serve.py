@@ -112,12 +112,12 @@ class SLQPyfunc(mlflow.pyfunc.PythonModel):
     max_text_chars = IndexConfig.max_text_chars
 
     def load_context(self, context) -> None:
-        from slq.encoder import SLQEncoder
+        from slq.methods import from_pretrained
 
         config = context.model_config or {}
         backbone = context.artifacts.get("backbone") or config.get("backbone_path")
         self.max_text_chars = int(config.get("max_text_chars") or IndexConfig.max_text_chars)
-        self.encoder = SLQEncoder.from_pretrained(backbone=backbone, queries=context.artifacts["checkpoint"])
+        self.encoder = from_pretrained(backbone=backbone, queries=context.artifacts["checkpoint"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         """(N, D) float32 embeddings, one row per input row, in input order; a bad column or row

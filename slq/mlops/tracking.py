@@ -560,3 +560,84 @@ def show_run(cfg: Config, run_id: str) -> dict:
             {"name": v.name, "version": int(v.version),
              "aliases": list(client.get_model_version(v.name, v.version).aliases)} for v in versions],
     }
+
+
+# ---- read-only look-ups (the CLI's): they never create a store, and say what is missing ------
+class TrackingError(LookupError):
+    """What was looked up is not there (no tracking store, registered model, version, alias or run);
+    the message says what to do. The CLI prints it as one `error: ...` line."""
+
+
+def _not_found(e) -> bool:
+    return getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+
+
+def existing_store(cfg: Config) -> str:
+    """The tracking URI; for a sqlite store, TrackingError when its file does not exist (MLflow would
+    create a new empty store there and report "no runs")."""
+    uri = tracking_uri(cfg)
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        db = Path(uri[len(prefix):].split("?", 1)[0])
+        if not db.is_file():
+            raise TrackingError(f"no MLflow tracking store at {db}: run the pipeline first (`slq run` or "
+                                f"`dvc repro`), or run slq from the project folder (or -p its params.yaml)")
+    return uri
+
+
+def model_version(cfg: Config, version: int | None):
+    """The registered version `version` (None: the alias's), or TrackingError naming the versions there are."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = existing_store(cfg)
+    rc = cfg.register
+    client = MlflowClient(uri, uri)
+    try:
+        client.get_registered_model(rc.model_name)
+    except MlflowException as e:
+        if not _not_found(e):
+            raise
+        raise TrackingError(f"no registered model {rc.model_name!r} in {uri}: run the pipeline (its register "
+                            f"stage) first") from e
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{rc.model_name}'"))
+    have = f"versions: {', '.join(map(str, versions)) or 'none'}"
+    try:
+        if version is None:
+            return client.get_model_version_by_alias(rc.model_name, rc.alias)
+        return client.get_model_version(rc.model_name, str(version))
+    except MlflowException as e:
+        if version is None:
+            raise TrackingError(f"{rc.model_name} has no @{rc.alias} yet: promote a version with "
+                                f"`slq promote N` ({have})") from e
+        if not _not_found(e) and version >= 1:
+            raise
+        raise TrackingError(f"{rc.model_name} has no version {version} ({have}; `slq runs list` shows which "
+                            f"run made each)") from e
+
+
+def run_info(cfg: Config, run_id: str) -> dict:
+    """show_run() of a run that must exist in an existing store (TrackingError otherwise)."""
+    from mlflow.exceptions import MlflowException
+
+    store = existing_store(cfg)
+    try:
+        return show_run(cfg, run_id)
+    except MlflowException as e:
+        if not _not_found(e):
+            raise
+        raise TrackingError(f"no run {run_id!r} in {store}: `slq runs list` shows the run ids") from e
+
+
+def compare_runs(cfg: Config, run_ids: list[str]) -> dict:
+    """Params and metrics of runs side by side: {"runs": [{run_id, run_name, status}], "params": {key:
+    [value per run]}, "metrics": {...}, "differ": {"params": [keys], "metrics": [keys]}} (a key that a
+    run lacks: None there)."""
+    infos = [run_info(cfg, r) for r in run_ids]
+    table = {}
+    for section in ("params", "metrics"):
+        keys = sorted({k for i in infos for k in i[section]})
+        table[section] = {k: [i[section].get(k) for i in infos] for k in keys}
+    differ = {sec: [k for k, vs in rows.items() if len({json.dumps(v) for v in vs}) > 1]
+              for sec, rows in table.items()}
+    return {"runs": [{k: i[k] for k in ("run_id", "run_name", "status")} for i in infos], **table, "differ": differ}

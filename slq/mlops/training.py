@@ -10,7 +10,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from slq.io import write_csv_atomic, write_json_atomic
@@ -112,7 +112,8 @@ def _train_method(cfg: Config, method: str, out: Path, data: list[dict], *, lr: 
         }
         if world > 1:
             metrics["world_size"] = world  # train.batch_size is per rank: the global batch is batch_size x this
-        manifest_training = {**asdict(fit_cfg), "method": method} if result else {"method": method, "trained": False}
+        manifest_training = ({**fit_cfg.loop_settings(), "method": method} if result
+                             else {"method": method, "trained": False})
         if world > 1 and result:
             manifest_training["world_size"] = world
         # The checkpoint is a DVC-cached output: no timings (they differ on every run) and the backbone
@@ -138,12 +139,8 @@ TIMING_KEYS = ("step_time_mean", "wall_time_s", "peak_memory_gib", "peak_memory_
 
 
 def fit_config(cfg: Config, lr: float):
-    """The training loop's share of `train` (slq.train.FitConfig), with the method's learning rate."""
-    from slq.train import FitConfig
-
-    fit_cfg = FitConfig(**{f.name: getattr(cfg.train, f.name) for f in fields(FitConfig)})
-    fit_cfg.lr = lr
-    return fit_cfg
+    """`train` (slq.recipe.FitConfig, what slq.train.fit reads) with the method's learning rate."""
+    return replace(cfg.train, lr=lr)
 
 
 # train settings that do not change a run's result: a killed run resumes across changes to them

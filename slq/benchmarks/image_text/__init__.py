@@ -1,6 +1,6 @@
 """Image-text retrieval: COCO 5K and Flickr30K 1K (Karpathy test splits), and their I2I variants.
 
-Protocol (docs/benchmarks.md): exact dot-product scores between L2-normalised embeddings;
+Protocol (docs/benchmarks-data.md): exact dot-product scores between L2-normalised embeddings;
 text->image R@k counts a caption as a hit when its image is in its top k; image->text R@k counts an
 image as a hit when ANY of its captions is in its top k. Metrics are fractions in [0, 1]; the
 paper's numbers (`paper`) are percent.

@@ -44,7 +44,7 @@ class ImageTextBenchmark(Benchmark):
         super().__init__(root, partial, **{**self.option_defaults, **options})
         if self.root is None and getattr(self, "default_root", None) is None:
             raise MissingData(f"benchmark {self.name!r} needs `root`: the folder holding its files "
-                              "(see the README for the layout)")
+                              "(see docs/benchmarks-data.md for the layout)")
         if self.root is None:
             self.root = Path(self.default_root)
 

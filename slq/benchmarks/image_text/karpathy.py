@@ -50,7 +50,7 @@ class KarpathyBenchmark(ImageTextBenchmark):
         names = [formats[want]] if want else list(formats.values())
         raise MissingData(
             f"benchmark {self.name!r}: expected {' or '.join(names)} under {self.root} (not found). "
-            "Point `root` in params.yaml at a local copy laid out as in the README."
+            "Point `root` in params.yaml at a local copy laid out as in docs/benchmarks-data.md."
         )
 
     def load(self, workdir: Path) -> PairSet:

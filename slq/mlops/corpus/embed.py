@@ -5,7 +5,7 @@
 
 Both engines run the same steps on the same code: the manifest is checked and the ids already in
 the table are dropped; the rest is sorted by kind and text length (batches of one kind and little
-padding); `CorpusEmbedder` (the model loaded once, through `SLQEncoder.from_pretrained` on the
+padding); `CorpusEmbedder` (the model loaded once, through `slq.methods.from_pretrained` on the
 checkpoint, as every other consumer loads it) turns a batch into rows; `write_chunk` writes a
 chunk of `commit_rows` rows as Lance fragments; the driver commits each chunk once
 (`CorpusTable.commit`). The Ray engine runs the embedder in an actor pool (one actor per GPU, or N
@@ -104,7 +104,7 @@ class CorpusEmbedder:
     def __init__(self, checkpoint: str, checkpoint_hash: str, backbone: str | None = None, dtype: str = "auto",
                  device: str = "auto", storage_options: dict | None = None, threads: int | None = None):
         from slq.checkpoint import checkpoint_hash as hash_of
-        from slq.encoder import SLQEncoder
+        from slq.methods import from_pretrained
 
         if threads:
             import torch
@@ -114,7 +114,7 @@ class CorpusEmbedder:
         if have != checkpoint_hash:
             raise CorpusError(f"checkpoint {checkpoint} here has hash {have}, the run embeds with {checkpoint_hash}: "
                               "every node must see the same checkpoint folder")
-        self.encoder = SLQEncoder.from_pretrained(backbone=backbone, queries=checkpoint, dtype=dtype, device=device)
+        self.encoder = from_pretrained(backbone=backbone, queries=checkpoint, dtype=dtype, device=device)
         self.encoder.eval()
         self.checkpoint_hash = checkpoint_hash
         self.fingerprint = self.encoder.backbone.fingerprint

@@ -3,7 +3,7 @@
 Reads the train stage's budget (metrics/train.json), scores SLQ's checkpoint on the comparison
 benchmarks (through the embedding cache the evaluate stage filled), reads each method's metrics,
 and writes the table as markdown (`methods.report`), as DVC metrics (`methods.summary`, metrics/compare.json) and
-into the README between the `slq:methods` markers. The text under the table is generated from the
+into docs/results.md between the `slq:methods` markers (when methods.readme names it). The text under the table is generated from the
 numbers: which method leads where, and how much of its plain recall each keeps on the knowledge
 split; nothing in it is written by hand. Last, as the last stage that reports, it writes the run's
 whole report (`methods.html`, reports/report.html; slq.mlops.report: losses, recall curves, this comparison, the data

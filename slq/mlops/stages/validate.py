@@ -9,6 +9,7 @@ import os
 from slq.data import load_manifest
 from slq.io import write_json_atomic
 from slq.mlops.config import Config
+from slq.mlops.datasets import ensure_data
 from slq.mlops.lineage import restore_pin
 from slq.mlops.validation import ValidationFailed, check, counts, expectations, failure_message, build_frame
 
@@ -17,7 +18,7 @@ def run(cfg: Config) -> dict:
     """Validate the manifest at `data.root`; write the report, or raise `ValidationFailed`."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     v = cfg.validate
-    root = cfg.path(cfg.data.root)
+    root = ensure_data(cfg)  # the built-in world is generated when missing (data.builtin)
     cache = cfg.path(v.cache) if v.cache else None
     stats: dict = {}
     df = build_frame(load_manifest(root, cfg.data.manifest), root, v, cache=cache, stats=stats)

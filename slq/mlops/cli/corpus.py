@@ -1,0 +1,93 @@
+"""`slq corpus`: embed a large corpus into LanceDB (Ray Data or in-process, local or S3 storage),
+resumably, and the status of a corpus table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from slq.mlops.cli.common import JsonOpt, ParamsOpt, SetOpt, config, fail, print_json, print_table, user_errors
+
+app = typer.Typer(help="Embed a large corpus into LanceDB: Ray Data or in-process, local or S3 storage.",
+                  no_args_is_help=True)
+
+
+@app.command("embed")
+@user_errors
+def corpus_embed(
+        manifest: str = typer.Argument(..., help="JSONL or Parquet with `id` and `text` and/or `image` (path or URI) "
+                                                  "per row; a local path or s3:// URI."),
+        checkpoint: Optional[Path] = typer.Option(None, help="Query checkpoint folder (default: corpus.checkpoint, "
+                                                             "else train.out); on a cluster, at this path on every node."),
+        uri: Optional[str] = typer.Option(None, "--uri", help="LanceDB database: a folder or s3://bucket/prefix "
+                                                            "(default: corpus.uri)."),
+        table: Optional[str] = typer.Option(None, help="Table name (default: corpus.table)."),
+        engine: Optional[str] = typer.Option(None, help="ray (Ray Data actor pool) | local (this process); "
+                                                        "default: corpus.engine."),
+        no_ray: bool = typer.Option(False, "--no-ray", help="Embed in this process (= --engine local)."),
+        address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: corpus.address; none: a local "
+                                                         "Ray instance)."),
+        actors: Optional[int] = typer.Option(None, help="Embedding actors: one per GPU, or N CPU actors."),
+        batch_size: Optional[int] = typer.Option(None, help="Items per model call."),
+        commit_rows: Optional[int] = typer.Option(None, help="Items per Lance commit (what a kill can lose)."),
+        cpus_per_actor: Optional[float] = typer.Option(None, help="CPUs per actor (its torch threads on CPU)."),
+        gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs per actor (default: 1 on a GPU cluster)."),
+        backbone: Optional[str] = typer.Option(None, help="Backbone folder on the workers (default: the one the "
+                                                           "checkpoint records)."),
+        progress: bool = typer.Option(True, help="Progress bars."),
+        params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, as_json: bool = JsonOpt):
+    """Embed a corpus into a LanceDB table, resumably: a rerun embeds only the ids not yet committed.
+
+    slq corpus embed corpus.jsonl --checkpoint checkpoints/slq --uri s3://bucket/lancedb --actors 4
+    """
+    from slq.mlops.corpus import CorpusError
+    from slq.mlops.corpus.embed import EmbedJob, embed_corpus
+    from slq.mlops.corpus.storage import is_remote, storage_options
+
+    cfg = config(params, set_)
+    c = cfg.corpus
+    ckpt = checkpoint or cfg.path(c.checkpoint or cfg.train.out)
+    db_uri = uri or (c.uri if is_remote(c.uri) else str(cfg.path(c.uri)))
+    job = EmbedJob(
+        manifest=manifest, checkpoint=str(ckpt), db_uri=db_uri, table=table or c.table,
+        engine="local" if no_ray else (engine or c.engine), address=address or c.address,
+        actors=actors or c.actors, cpus_per_actor=cpus_per_actor or c.cpus_per_actor,
+        gpus_per_actor=gpus_per_actor if gpus_per_actor is not None else c.gpus_per_actor,
+        batch_size=batch_size or c.batch_size, commit_rows=commit_rows or c.commit_rows, max_errors=c.max_errors,
+        backbone=backbone, dtype=cfg.backbone.dtype, device=cfg.backbone.device,
+        storage_options=storage_options(c.storage.endpoint, c.storage.region), progress=progress and not as_json)
+    try:
+        summary = embed_corpus(job)
+    except CorpusError as e:
+        fail(str(e))
+    if as_json:
+        print_json(summary)
+    else:
+        print_table(f"corpus embed -> {summary['table']}", [{"": k, "value": v} for k, v in summary.items()],
+                    ["", "value"], keep=("value",))
+
+
+@app.command("status")
+@user_errors
+def corpus_status(uri: Optional[str] = typer.Option(None, "--uri", help="LanceDB database (default: corpus.uri)."),
+                  table: Optional[str] = typer.Option(None, help="Table name (default: corpus.table)."),
+                  params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, as_json: bool = JsonOpt):
+    """Rows, version and checkpoint of a corpus table."""
+    from slq.mlops.corpus import CorpusError
+    from slq.mlops.corpus.storage import is_remote, storage_options
+    from slq.mlops.corpus.writer import table_status
+
+    cfg = config(params, set_)
+    c = cfg.corpus
+    db_uri = uri or (c.uri if is_remote(c.uri) else str(cfg.path(c.uri)))
+    try:
+        status = table_status(db_uri, table or c.table, storage_options(c.storage.endpoint, c.storage.region))
+    except CorpusError as e:
+        fail(str(e))
+    if as_json:
+        print_json(status)
+    else:
+        print_table(f"corpus table {status['table']}", [{"": k, "value": v} for k, v in status.items()],
+                    ["", "value"], keep=("value",))
