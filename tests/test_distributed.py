@@ -72,7 +72,7 @@ def _free_port() -> int:
 
 def _join_group(rank: int, world: int, port: int) -> None:
     """Set the env:// variables torchrun would set, then join through the project's own entry point."""
-    from slq.train import init_distributed_from_env
+    from slq.distributed import init_distributed_from_env
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))

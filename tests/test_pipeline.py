@@ -152,7 +152,7 @@ def test_a_failing_method_is_named_and_the_others_are_kept(repro):
              "--set", "methods.metrics=metrics/bad", "--set", "methods.pooling.full=bogus", cwd=proj, check=False)
     assert res.returncode != 0
     err = res.stdout + res.stderr
-    assert "full: ValueError" in err and "bogus" in err and "logs/methods/full.log" in err
+    assert "full: MethodError" in err and "bogus" in err and "logs/methods/full.log" in err
     assert "kept: " in err and "lora" in err
     assert {p.name for p in (proj / "metrics/bad").glob("*.json")} == {"lora.json", "zero_shot.json"}
     assert "bogus" in (proj / "logs/methods/full.log").read_text()  # the traceback is in the log

@@ -210,7 +210,7 @@ def _fail_on_rank0():
 
 
 def _helpers_worker(rank: int, world: int, port: int, out: str) -> None:
-    from slq.train import RankZeroFailed, RanksDisagree, agree, distributed_from_env, on_rank_zero
+    from slq.distributed import RankZeroFailed, RanksDisagree, agree, distributed_from_env, on_rank_zero
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
@@ -248,7 +248,7 @@ def test_rank_zero_does_it_once_and_the_others_wait(tmp_path):
 
 
 def _checks_worker(rank: int, world: int, port: int, out: str) -> None:
-    from slq.train import OtherRankFailed, check_on_every_rank, distributed_from_env, release_ranks
+    from slq.distributed import OtherRankFailed, check_on_every_rank, distributed_from_env, release_ranks
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
@@ -285,7 +285,7 @@ def test_ranks_agree_on_a_failed_check_before_any_stops(tmp_path):
 
 
 def test_single_process_helpers_make_no_group(monkeypatch):
-    from slq.train import agree, check_on_every_rank, distributed_from_env, on_rank_zero, world_size
+    from slq.distributed import agree, check_on_every_rank, distributed_from_env, on_rank_zero, world_size
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with distributed_from_env():

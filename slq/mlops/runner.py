@@ -34,7 +34,7 @@ def run_stage(name: str, cfg: Config, method: str | None = None) -> dict:
     track = cfg.register.track_stages
     with _stage_group(module):
         if hasattr(module, "precheck"):  # bad settings fail before the MLflow run opens, on every rank
-            from slq.train import check_on_every_rank  # (under torchrun the ranks agree on it)
+            from slq.train import check_on_every_rank  #(under torchrun the ranks agree on it)
 
             check_on_every_rank(lambda: module.precheck(cfg), f"stage {name}'s checks")
         with tracking.stage_run(cfg, name) if track else _no_run() as run:
@@ -52,7 +52,7 @@ def _stage_group(module):
     because a gloo group torn down and made again at once can miss its peers. Elsewhere nothing."""
     if not hasattr(module, "precheck"):
         return _no_run()
-    from slq.train import distributed_from_env
+    from slq.distributed import distributed_from_env
 
     return distributed_from_env()
 

@@ -34,7 +34,8 @@ def train_method(cfg: Config, method: str, out: Path, *, lr: float, metrics_path
     (`side_by_side`, set by the methods stage). `on_step` and `progress` go to `slq.train.fit`.
     """
     from slq.methods import get_method
-    from slq.train import check_enough_data, check_on_every_rank, distributed_from_env, world_size
+    from slq.train import check_enough_data
+    from slq.distributed import check_on_every_rank, distributed_from_env, world_size
 
     # Under torchrun: every rank checks the data and the backbone folder, and the ranks agree on the
     # outcome (a bad setting stops every rank, each saying why; nothing waits), then rank 0 alone
@@ -60,7 +61,8 @@ def _train_method(cfg: Config, method: str, out: Path, data: list[dict], *, lr: 
     import torch
 
     from slq.checkpoint import checkpoint_hash
-    from slq.train import agree, fit, is_main_process, on_rank_zero, world_size
+    from slq.distributed import agree, is_main_process, on_rank_zero, world_size
+    from slq.train import fit
 
     backbone = on_rank_zero(lambda: ensure_backbone(cfg), "make the built-in backbone")
     agree((backbone / "config.json").is_file(), f"whether the backbone {backbone} exists (it must be on a "

@@ -58,9 +58,9 @@ def fail(msg: str, code: int = 1):
     # escape: brackets in the message are text, not markup
     console(stderr=True).print(f"[bold red]error:[/] {where}{escape(msg)}", soft_wrap=True)
     sys.stderr.flush()
-    train = sys.modules.get("slq.train")
-    if train is not None:  # the ranks agreed on a failed check: wait until each has printed its own
-        train.release_ranks()
+    distributed = sys.modules.get("slq.distributed")
+    if distributed is not None:  # the ranks agreed on a failed check: wait until each has printed its own
+        distributed.release_ranks()
     raise typer.Exit(code)
 
 

@@ -15,7 +15,7 @@ from slq.mlops.training import train_method
 
 def precheck(cfg: Config) -> None:
     """What fails at once, before anything slow (MLflow, the model) starts. Under torchrun the
-    pipeline runs it on every rank through `slq.train.check_on_every_rank`, so every rank says why."""
+    pipeline runs it on every rank through `slq.distributed.check_on_every_rank`, so every rank says why."""
     split_rows(cfg, "train")
     backbone_missing(cfg)
 
