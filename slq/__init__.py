@@ -3,6 +3,8 @@
     from slq import SLQEncoder, fit, FitConfig
 
 Names are resolved lazily so that `import slq.mlops.config` (the CLI) does not import torch.
+This package is the library; `slq.mlops` (the pipeline, tracking, serving) and `slq.miniature`
+(the built-in offline default) are built on it and are not part of this API.
 """
 
 __version__ = "0.1.0"
@@ -16,7 +18,9 @@ _LAZY = {
     "ContrastiveLoss": "slq.loss",
     "LatentQueries": "slq.queries",
     "load_backbone": "slq.backbones",
-    "build_tiny_backbone": "slq.miniature.tiny",
+    "from_pretrained": "slq.methods",  # any registered method, picked by the checkpoint's `method`
+    "get_method": "slq.methods",
+    "load_manifest": "slq.data",
 }
 __all__ = sorted(_LAZY)
 

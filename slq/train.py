@@ -1,6 +1,8 @@
-"""fit(): train the shared latent queries (and the temperature) contrastively; nothing else moves.
+"""fit(): train an encoder's trainable part and the temperature contrastively (symmetric InfoNCE).
 
-AdamW over the queries and log-temperature only (the temperature without weight decay), linear
+What trains is the method's (slq.methods): for SLQ the shared latent queries alone, the backbone
+frozen; for the compared methods LoRA adapters or the whole LLM; zero-shot trains nothing. AdamW
+over those and the log-temperature (the temperature without weight decay), linear
 warm-up then cosine decay, gradient clipping, periodic checkpoints for resume. The model runs in
 the backbone's own dtype (`backbone.dtype`); what trains is kept in float32 (queries, LoRA
 adapters, and for full fine-tuning an fp32 master copy of the LLM weights). A DataLoader builds

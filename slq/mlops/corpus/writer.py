@@ -161,12 +161,6 @@ class CorpusTable:
         return self.commit(write_fragments(self.uri, data, self.schema, self.storage_options), ids)
 
 
-def table_rows(db_uri: str, table: str, storage_options: dict[str, str] | None = None, columns=None):
-    """The table's latest version as an Arrow table (None when there is no table)."""
-    ds = open_dataset(dataset_uri(db_uri, table), storage_options)
-    return None if ds is None else ds.to_table(columns=columns)
-
-
 def table_status(db_uri: str, table: str, storage_options: dict[str, str] | None = None) -> dict:
     """Rows, version, items per kind and the checkpoint of a corpus table (`slq corpus status`)."""
     from collections import Counter
