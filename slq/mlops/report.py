@@ -45,6 +45,7 @@ class ReportInputs:
     methods_dir: Path | None = None  # metrics/methods/<method>.json
     validate: Path | None = None  # reports/validate.json (validate.failed.json beside it wins)
     root: Path | None = None  # paths are shown relative to it (the project folder)
+    reference: str | None = None  # the method shown first (train.method: the one the others are compared with)
     sources: list[str] = field(default_factory=list)  # filled while rendering: what was read
 
     def shown(self, path) -> str:
@@ -72,6 +73,7 @@ class ReportInputs:
             methods_dir=cfg.path(cfg.methods.metrics),
             validate=cfg.path(cfg.validate.report),
             root=Path(cfg.root),
+            reference=cfg.train.method,
         ), **paths)
 
 
@@ -172,14 +174,14 @@ def _methods_section(inputs: ReportInputs) -> str:
 
 
 def _method_rows(inputs: ReportInputs) -> tuple[dict, Path] | Note:
-    """({method: {benchmark: metrics}}, where they came from): compare.json (SLQ first), else each
+    """({method: {benchmark: metrics}}, where they came from): compare.json (the reference first), else each
     method's own metrics file."""
     if inputs.compare_metrics is not None and inputs.compare_metrics.is_file():
         data = _read(inputs, inputs.compare_metrics, _read_json)
         if isinstance(data, Note):
             return data
         return {m: {b: ms for b, ms in r.items() if b != "budget" and isinstance(ms, dict)}
-                for m, r in sorted(data.items(), key=lambda kv: kv[0] != "slq") if isinstance(r, dict)}, \
+                for m, r in sorted(data.items(), key=lambda kv: kv[0] != inputs.reference) if isinstance(r, dict)}, \
             inputs.compare_metrics
     d = inputs.methods_dir
     files = sorted(d.glob("*.json")) if d is not None and d.is_dir() else []
