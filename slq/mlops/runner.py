@@ -34,7 +34,7 @@ def run_stage(name: str, cfg: Config, method: str | None = None) -> dict:
     track = cfg.register.track_stages
     with _stage_group(module):
         if hasattr(module, "precheck"):  # bad settings fail before the MLflow run opens, on every rank
-            from slq.train import check_on_every_rank  #(under torchrun the ranks agree on it)
+            from slq.distributed import check_on_every_rank  # (under torchrun the ranks agree on it)
 
             check_on_every_rank(lambda: module.precheck(cfg), f"stage {name}'s checks")
         with tracking.stage_run(cfg, name) if track else _no_run() as run:

@@ -21,8 +21,8 @@ def _rank_errors() -> tuple:
     """slq.train's errors across ranks (rank 0 failed; ranks see different files; another rank's checks
     failed), once it is loaded: evaluated when an exception is matched, so stages that never import
     torch do not pay for it."""
-    train = sys.modules.get("slq.train")
-    return (train.RankZeroFailed, train.RanksDisagree, train.OtherRankFailed) if train is not None else ()
+    dist = sys.modules.get("slq.distributed")
+    return (dist.RankZeroFailed, dist.RanksDisagree, dist.OtherRankFailed) if dist is not None else ()
 
 
 def _run_stages(cfg, names: list[str], method: Optional[str] = None, runner=None):
