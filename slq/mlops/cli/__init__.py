@@ -2,8 +2,8 @@
 
 Thin Typer sub-apps that parse arguments, call slq.mlops (or the library) and print: pipeline
 (run, stage, readme, flow), data, evaluate (evaluate, metrics), search (search, serve), registry
-(promote, runs), corpus; plug-ins add sub-apps under the `slq.cli` entry-point group (the miniature's backbone and
-study come that way). Heavy
+(promote, runs), export (a portable model folder), corpus; plug-ins add sub-apps under the
+`slq.cli` entry-point group (the miniature's backbone and study come that way). Heavy
 libraries (torch, mlflow, prefect, lancedb, GX) are imported inside the commands, so `slq --help`
 answers at once.
 """
@@ -21,14 +21,14 @@ from importlib.metadata import entry_points  # noqa: E402
 
 import typer  # noqa: E402
 
-from slq.mlops.cli import corpus, data, evaluate, pipeline, registry, search  # noqa: E402
+from slq.mlops.cli import corpus, data, evaluate, export, pipeline, registry, search  # noqa: E402
 
 app = typer.Typer(help="SLQ: turn a frozen multimodal LLM into a retriever with shared latent queries.",
                   no_args_is_help=True, add_completion=False)
 
 # the top-level commands, in `slq --help` order
 for _command in (pipeline.run, pipeline.stage, pipeline.readme, evaluate.evaluate, evaluate.metrics,
-                 search.search, registry.promote, search.serve):
+                 search.search, registry.promote, search.serve, export.export):
     app.command()(_command)
 
 for _name, _sub in (("runs", registry.runs_app), ("data", data.app), ("flow", pipeline.flow_app),
