@@ -5,6 +5,7 @@
     POST /search {"image_b64": "<PNG/JPEG as base64>", "target": "text"}
     POST /search {"image_url": "images/test/test-00003.png", "instruction": "make the star blue"}
     GET  /health
+    POST /v1/embeddings {"model": "slq-retriever", "input": ["a red circle"]}   (slq.mlops.openai_api)
 
 The query is embedded with the project's checkpoint (`train.out`) and searched with slq.mlops.search
 (ANN with the index stage's tuned settings, or exact), on the tables of `split` (default
@@ -23,30 +24,24 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import logging
 import threading
-from pathlib import Path, PurePosixPath
-from urllib.parse import unquote, urlparse
+from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from slq.mlops.config import Config
+from slq.mlops.http_inputs import RequestError, check_text, decode_image, resolve_image_path
+from slq.mlops.openai_api import ERROR_RESPONSES, Embedder, EmbeddingRequest, EmbeddingResponse, OpenAIError, error_body, validation_error
 from slq.mlops.search import TARGETS, CheckpointMismatch, Searcher, SearchError
 
 log = logging.getLogger("slq.mlops.service")
-
-
-class RequestError(ValueError):
-    """A request the service refuses: `status` (4xx) and a one-line message."""
-
-    def __init__(self, message: str, status: int = 422):
-        super().__init__(message)
-        self.status = status
 
 
 class SearchRequest(BaseModel):
@@ -82,52 +77,6 @@ def parse_request(body: bytes) -> SearchRequest:
         if err["type"] == "extra_forbidden":
             raise RequestError(f"unknown field {field!r}; the fields are {', '.join(FIELDS)}") from None
         raise RequestError(f"field {field!r}: {err['msg']}") from None
-
-
-def check_text(value: str, field: str, max_chars: int) -> str:
-    """`value` unless it is blank or over `max_chars` characters (checked before any tokenizing)."""
-    if len(value) > max_chars:
-        raise RequestError(f"{field} has {len(value):,} characters, over the limit of {max_chars:,} "
-                           f"(index.max_text_chars)")
-    if not value.strip():
-        raise RequestError(f"{field} is empty")
-    return value
-
-
-def resolve_image_path(value: str, root: Path) -> Path:
-    """The file that `value` (a path relative to `root`, or a file: URL / absolute path inside it)
-    names; `..`, other URL schemes and anything outside `root` are refused."""
-    parsed = urlparse(value)
-    if parsed.scheme == "file":
-        raw = unquote(parsed.path)
-    elif parsed.scheme and len(parsed.scheme) > 1:  # http, https, data, ... (one letter: a Windows drive)
-        raise RequestError(f"image_url: {parsed.scheme}: URLs are not fetched; give a path under the image "
-                           f"root (index.image_root), or send the image as image_b64")
-    else:
-        raw = value
-    if not raw or "\x00" in raw:
-        raise RequestError("image_url is empty or not a path")
-    if ".." in PurePosixPath(raw).parts or ".." in Path(raw).parts:
-        raise RequestError(f"image_url {value!r}: '..' is not allowed; give a path under the image root", 403)
-    base = root.resolve()
-    path = (Path(raw) if Path(raw).is_absolute() else base / raw).resolve()
-    if not path.is_relative_to(base):
-        raise RequestError(f"image_url {value!r} is outside the image root (index.image_root)", 403)
-    if not path.is_file():
-        raise RequestError(f"image_url {value!r}: no such file under the image root", 404)
-    return path
-
-
-def decode_image(data: bytes, what: str):
-    """A PIL RGB image from file bytes, or a RequestError saying it cannot be decoded."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise RequestError(f"{what} cannot be decoded as an image ({str(e).splitlines()[0][:200]})") from None
 
 
 def load_image(req: SearchRequest, root: Path, max_bytes: int):
@@ -241,10 +190,23 @@ def create_app(cfg: Config, encoder=None, checkpoint_dir: str | Path | None = No
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
 
+    embedder = Embedder(cfg, encoder, service.image_root, service._encode_lock)
+    app.state.embedder = embedder
+
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
         log.exception("search request failed")
-        return error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+        message = f"internal error ({type(exc).__name__}); the server log has the details"
+        if request.url.path.startswith("/v1/"):
+            return JSONResponse(error_body(500, message), status_code=500)
+        return error(500, message)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError):
+        if request.url.path.startswith("/v1/"):  # OpenAI's error shape on the OpenAI-compatible routes
+            e = validation_error(list(exc.errors()))
+            return JSONResponse(e.body(), status_code=e.status)
+        return await request_validation_exception_handler(request, exc)
 
     @app.get("/health")
     def health():
@@ -269,5 +231,13 @@ def create_app(cfg: Config, encoder=None, checkpoint_dir: str | Path | None = No
             return await run_in_threadpool(service.search, req)
         except RequestError as e:
             return error(e.status, str(e))
+
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES,
+              summary="OpenAI-compatible embeddings of texts, images and images + text")
+    def embeddings(req: EmbeddingRequest):
+        try:
+            return embedder.embed(req)
+        except OpenAIError as e:
+            return JSONResponse(e.body(), status_code=e.status)
 
     return app
