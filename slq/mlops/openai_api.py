@@ -114,6 +114,7 @@ ERROR_RESPONSES = {
     403: {"model": ErrorResponse, "description": "an image path outside the image root"},
     404: {"model": ErrorResponse, "description": "another model than the served one, or no such image file"},
     422: {"model": ErrorResponse, "description": "the body does not match the schema"},
+    500: {"model": ErrorResponse, "description": "an unexpected failure (the traceback is in the server log)"},
 }
 
 ERROR_TYPES = {404: "not_found_error", 403: "permission_error"}

@@ -28,13 +28,15 @@ import json
 import logging
 import threading
 from pathlib import Path
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slq.mlops.config import Config
 from slq.mlops.http_inputs import RequestError, check_text, decode_image, resolve_image_path
@@ -59,6 +61,92 @@ class SearchRequest(BaseModel):
 
 
 FIELDS = tuple(SearchRequest.model_fields)
+
+
+def search_request_schema(cfg: Config) -> dict:
+    """The OpenAPI schema of the /search body, with this configuration's limits: one of a text
+    query, an image as base64 or an image path (each image with an optional instruction). The
+    route parses the body itself (to cap its size while it streams in), so FastAPI cannot derive this."""
+    ic = cfg.index
+    text = {"type": "string", "minLength": 1, "maxLength": ic.max_text_chars, "pattern": r"\S",
+            "description": f"not blank, at most {ic.max_text_chars:,} characters (index.max_text_chars)"}
+    none = {"type": "null"}
+    common = {
+        "k": {"type": "integer", "minimum": 1, "maximum": ic.max_k, "default": 10,
+              "description": f"how many hits, 1..{ic.max_k} (index.max_k)"},
+        "target": {"anyOf": [{"type": "string", "enum": list(TARGETS)}, none],
+                   "description": "the modality searched; default: the other one (image for a text or an "
+                                  "image + instruction, text for an image)"},
+        "split": {"anyOf": [{"type": "string"}, none],
+                  "description": "the index tables' split; default evaluate.split (an unknown one is a 404)"},
+    }
+    b64 = {"type": "string", "format": "image-base64", "minLength": 1, "description": "a PNG/JPEG as base64 (or a data: URI), at most "
+           f"{ic.max_image_bytes:,} bytes decoded (index.max_image_bytes)"}
+    url = {"type": "string", "minLength": 1, "description": "a path (or file: URL) under the image root "
+           "(index.image_root); '..' and paths outside it are refused and no URL is fetched"}
+
+    def variant(title: str, required: str, **fields) -> dict:
+        props = {"text": none, "image_b64": none, "image_url": none, "instruction": none, **fields, **common}
+        return {"title": title, "type": "object", "additionalProperties": False, "required": [required],
+                "properties": props}
+
+    return {"title": "SearchRequest", "description": SearchRequest.__doc__, "oneOf": [
+        variant("TextQuery", "text", text=text),
+        variant("ImageQuery", "image_b64", image_b64=b64, instruction={"anyOf": [text, none]}),
+        variant("ImagePathQuery", "image_url", image_url=url, instruction={"anyOf": [text, none]}),
+    ]}
+
+
+class SearchHit(BaseModel):
+    id: str | None = None
+    image_id: str | None = None
+    caption: str | None = None
+    image: str | None = None
+    split: str | None = None
+    checkpoint_hash: str | None = None
+    score: float
+
+
+class SearchMode(BaseModel):
+    """{"mode": "exact", "why"} or {"mode": "ann", "index_type", "metric", "nprobes", "refine_factor", ...}."""
+
+    model_config = ConfigDict(extra="allow")
+    mode: Literal["exact", "ann"]
+    why: str | None = None
+
+
+class SearchResponse(BaseModel):
+    query: Literal["text", "image", "image+instruction"]
+    target: Literal["image", "text"]
+    split: str
+    k: int
+    table: str
+    search: SearchMode
+    hits: list[SearchHit] = Field(description="best first")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+    checkpoint_hash: str
+    split: str
+    max_k: int
+
+
+class ErrorMessage(BaseModel):
+    """Every refused /search or /health request: a one-line message."""
+
+    error: str
+
+
+SEARCH_ERRORS = {
+    403: {"model": ErrorMessage, "description": "an image_url with '..' or outside the image root"},
+    404: {"model": ErrorMessage, "description": "no index for the split, or no such image file"},
+    409: {"model": ErrorMessage, "description": "the index was written by another checkpoint"},
+    413: {"model": ErrorMessage, "description": "the body or the image is over the limit"},
+    422: {"model": ErrorMessage, "description": "the body is not JSON, has an unknown field or a bad value, "
+                                                "or its image cannot be decoded"},
+    500: {"model": ErrorMessage, "description": "an unexpected failure (the traceback is in the server log)"},
+}
 
 
 def parse_request(body: bytes) -> SearchRequest:
@@ -201,6 +289,14 @@ def create_app(cfg: Config, encoder=None, checkpoint_dir: str | Path | None = No
             return JSONResponse(error_body(500, message), status_code=500)
         return error(500, message)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        """FastAPI's own refusals (a body it cannot parse, an unknown route or method) in the route's
+        error shape, with their headers (Allow on a 405)."""
+        message = str(exc.detail).replace("\n", " ")
+        body = error_body(exc.status_code, message) if request.url.path.startswith("/v1/") else {"error": message}
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):
         if request.url.path.startswith("/v1/"):  # OpenAI's error shape on the OpenAI-compatible routes
@@ -208,12 +304,16 @@ def create_app(cfg: Config, encoder=None, checkpoint_dir: str | Path | None = No
             return JSONResponse(e.body(), status_code=e.status)
         return await request_validation_exception_handler(request, exc)
 
-    @app.get("/health")
+    @app.get("/health", response_model=HealthResponse, summary="the service is up, and its checkpoint",
+             responses={500: SEARCH_ERRORS[500]})
     def health():
         return {"status": "ok", "checkpoint_hash": service.searcher.checkpoint_hash,
                 "split": cfg.evaluate.split, "max_k": cfg.index.max_k}
 
-    @app.post("/search")
+    @app.post("/search", summary="top k of the index for a text, an image or an image + instruction",
+              responses={200: {"model": SearchResponse, "description": "the hits, best first"}, **SEARCH_ERRORS},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": search_request_schema(cfg)}}}})
     async def search(request: Request):
         try:
             size = request.headers.get("content-length")

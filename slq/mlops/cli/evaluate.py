@@ -62,12 +62,18 @@ def evaluate(benchmark: Optional[list[str]] = typer.Option(
              checkpoint: Optional[Path] = typer.Option(None, help="A query checkpoint folder (default: train.out); "
                                                        "its manifest names the backbone."),
              partial: bool = typer.Option(False, help="Run on the present part of a partial dataset (flagged)."),
+             mteb_tasks: Optional[list[str]] = typer.Option(
+                 None, "--mteb", help="An MTEB / MIEB task name (repeatable), e.g. Flickr30kT2IRetrieval: run with "
+                 "mteb on data already in the local Hugging Face cache (nothing is downloaded)."),
              params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt):
     """Evaluate a checkpoint on registered benchmarks; writes the report to evaluate.report_dir.
 
     slq evaluate --checkpoint ckpt/ -b coco=/data/coco -b cirr=/data/cirr
+    slq evaluate --checkpoint ckpt/ --mteb Flickr30kT2IRetrieval
     """
     cfg = config(params, set_)
+    if mteb_tasks:
+        return _evaluate_mteb(cfg, mteb_tasks, checkpoint)
     from slq.benchmarks import DataError, MissingData
     from slq.methods import from_pretrained
     from slq.mlops.evaluation import run_benchmarks
@@ -88,6 +94,52 @@ def evaluate(benchmark: Optional[list[str]] = typer.Option(
     for name, m in metrics.items():
         show_metrics(m, name)
     console().print(f"report: {cfg.path(cfg.evaluate.report_dir) / 'benchmarks.md'}")
+
+
+def _evaluate_mteb(cfg, names: list[str], checkpoint: Optional[Path]):
+    """`slq evaluate --mteb`: named MTEB / MIEB tasks, offline, on the local Hugging Face cache."""
+    import os
+
+    # offline before huggingface_hub / datasets are imported: a task not in the cache fails, never downloads
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    try:
+        import mteb
+    except ImportError:
+        fail('--mteb needs mteb: pip install "mteb>=2,<3"')
+    import datasets.config
+    import huggingface_hub.constants as hub
+
+    hub.HF_HUB_OFFLINE = True  # in case huggingface_hub was imported before the variable was set
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        tasks = list(mteb.get_tasks(tasks=names))
+    except Exception as e:  # an unknown name: mteb says which
+        fail(f"--mteb: {e}")
+    known = {t.metadata.name for t in tasks}
+    if missing := [n for n in names if n not in known]:
+        fail(f"--mteb: unknown MTEB task(s): {', '.join(missing)}")
+    where = f"Hugging Face datasets cache {datasets.config.HF_DATASETS_CACHE} and hub cache {hub.HF_HUB_CACHE}"
+    for task in tasks:
+        try:
+            task.load_data()
+        except Exception as e:  # not in the cache (offline), or unreadable there
+            fail(f"MTEB task {task.metadata.name}: dataset {task.metadata.dataset.get('path')} "
+                 f"(revision {task.metadata.dataset.get('revision')}) is not in the {where} "
+                 f"({type(e).__name__}); download it with network access first (e.g. mteb.get_task("
+                 f"{task.metadata.name!r}).load_data() without HF_HUB_OFFLINE)")
+    from slq.methods import from_pretrained
+    from slq.mteb import SLQMtebEncoder
+
+    ckpt = Path(checkpoint) if checkpoint else cfg.path(cfg.train.out)
+    enc = from_pretrained(queries=ckpt, dtype=cfg.backbone.dtype, device=cfg.backbone.device)
+    model = SLQMtebEncoder(enc, name=f"slq/{ckpt.name}")
+    result = mteb.evaluate(model, tasks, cache=None, co2_tracker=False, show_progress_bar=False)
+    for tr in result.task_results:
+        for split, subsets in tr.scores.items():
+            for sc in subsets:
+                show_metrics({k: v for k, v in sc.items() if isinstance(v, (int, float)) and not k.startswith("nauc")},
+                             f"mteb {tr.task_name} ({split}, {sc.get('hf_subset', 'default')})")
 
 
 @user_errors
