@@ -29,7 +29,7 @@ SMALL = {
 def make_project(dest: Path) -> Path:
     """A copy of the project's pipeline files with a reduced params.yaml."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("cli.py", "dvc.yaml", "docs/results.md"):
+    for name in ("cli.py", "dvc.yaml", ".dvcignore", "docs/results.md"):  # .dvcignore: bytecode is no code dep
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, dest / name)
     for pkg in ("slq", "flows"):
