@@ -6,15 +6,12 @@ no index tables. Nothing is mocked.
 """
 
 import base64
-import io
-import socket
-import threading
-import time
 
 import numpy as np
 import pytest
 import yaml
-from PIL import Image, ImageDraw
+from PIL import Image
+from test_search_service import png_b64, scene
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("fastapi")
@@ -24,17 +21,8 @@ MAX_TEXT, MAX_K, MAX_IMAGE = 200, 8, 200_000
 MODEL = "slq-retriever"
 
 
-def scene(color: str, shape: str) -> Image.Image:
-    im = Image.new("RGB", (56, 56), "gray")
-    d = ImageDraw.Draw(im)
-    (d.ellipse if shape == "circle" else d.rectangle)([14, 14, 42, 42], fill=color)
-    return im
-
-
 def data_uri(im: Image.Image) -> str:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return "data:image/png;base64," + png_b64(im)
 
 
 def image_message(url: str, text: str | None = None) -> dict:
@@ -68,25 +56,12 @@ def project(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(project):
     """A live uvicorn server on 127.0.0.1 (a free port), stopped when the module is done."""
-    import uvicorn
+    from live_server import live_server
 
     from slq.mlops.service import create_app
 
-    app = create_app(project["cfg"], encoder=project["enc"])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline and t.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    t.join(timeout=30)
-    assert not t.is_alive()
+    with live_server(create_app(project["cfg"], encoder=project["enc"]), log_level="warning") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,8 @@ tests/test_search_service.py builds it). Nothing is mocked.
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
@@ -55,25 +53,12 @@ def project(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(project):
     """A live uvicorn server on 127.0.0.1 (a free port), stopped when the module is done."""
-    import uvicorn
+    from live_server import live_server
 
     from slq.mlops.service import create_app
 
-    app = create_app(project["cfg"], encoder=project["enc"])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline and t.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    t.join(timeout=30)
-    assert not t.is_alive()
+    with live_server(create_app(project["cfg"], encoder=project["enc"]), log_level="critical") as url:
+        yield url
 
 
 def test_every_route_documents_its_body_answer_and_errors(server):
