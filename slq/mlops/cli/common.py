@@ -67,7 +67,7 @@ def fail(msg: str, code: int = 1):
 # module -> its exception type that is the user's to fix
 USER_ERRORS = {"slq.mlops.config": "ConfigError", "slq.backbones.base": "BackboneError",
                "slq.checkpoint": "CheckpointError", "slq.inputs": "InputError", "slq.data.coco": "CocoError", "slq.data.importers": "DataImportError",
-               "slq.benchmarks.base": "DataError", "slq.mlops.tracking": "TrackingError", "slq.export": "ExportError",
+               "slq.benchmarks.base": "DataError", "slq.mlops.tracking": "TrackingError", "slq.mlops.corpus.errors": "CorpusError", "slq.export": "ExportError",
                "mlflow.exceptions": "MlflowException"}
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from slq.mlops.cli.common import JsonOpt, ParamsOpt, SetOpt, config, fail, print_json, print_table, user_errors
+from slq.mlops.cli.common import JsonOpt, ParamsOpt, SetOpt, config, print_json, print_table, user_errors
 
 app = typer.Typer(help="Embed a large corpus into LanceDB: Ray Data or in-process, local or S3 storage.",
                   no_args_is_help=True)
@@ -42,7 +42,6 @@ def corpus_embed(
 
     slq corpus embed corpus.jsonl --checkpoint checkpoints/slq --uri s3://bucket/lancedb --actors 4
     """
-    from slq.mlops.corpus import CorpusError
     from slq.mlops.corpus.embed import EmbedJob, embed_corpus
     from slq.mlops.corpus.storage import is_remote, storage_options
 
@@ -58,15 +57,7 @@ def corpus_embed(
         batch_size=batch_size or c.batch_size, commit_rows=commit_rows or c.commit_rows, max_errors=c.max_errors,
         backbone=backbone, dtype=cfg.backbone.dtype, device=cfg.backbone.device,
         storage_options=storage_options(c.storage.endpoint, c.storage.region), progress=progress and not as_json)
-    try:
-        summary = embed_corpus(job)
-    except CorpusError as e:
-        fail(str(e))
-    if as_json:
-        print_json(summary)
-    else:
-        print_table(f"corpus embed -> {summary['table']}", [{"": k, "value": v} for k, v in summary.items()],
-                    ["", "value"], keep=("value",))
+    _show("corpus embed -> {}", embed_corpus(job), as_json)
 
 
 @app.command("status")
@@ -75,19 +66,20 @@ def corpus_status(uri: Optional[str] = typer.Option(None, "--uri", help="LanceDB
                   table: Optional[str] = typer.Option(None, help="Table name (default: corpus.table)."),
                   params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, as_json: bool = JsonOpt):
     """Rows, version and checkpoint of a corpus table."""
-    from slq.mlops.corpus import CorpusError
     from slq.mlops.corpus.storage import is_remote, storage_options
     from slq.mlops.corpus.writer import table_status
 
     cfg = config(params, set_)
     c = cfg.corpus
     db_uri = uri or (c.uri if is_remote(c.uri) else str(cfg.path(c.uri)))
-    try:
-        status = table_status(db_uri, table or c.table, storage_options(c.storage.endpoint, c.storage.region))
-    except CorpusError as e:
-        fail(str(e))
+    _show("corpus table {}", table_status(db_uri, table or c.table, storage_options(c.storage.endpoint, c.storage.region)),
+          as_json)
+
+
+def _show(title: str, record: dict, as_json: bool) -> None:
+    """A summary as JSON, or as a two-column table titled with its table URI."""
     if as_json:
-        print_json(status)
+        print_json(record)
     else:
-        print_table(f"corpus table {status['table']}", [{"": k, "value": v} for k, v in status.items()],
-                    ["", "value"], keep=("value",))
+        print_table(title.format(record["table"]), [{"": k, "value": v} for k, v in record.items()], ["", "value"],
+                    keep=("value",))
