@@ -43,13 +43,12 @@ import io
 import json
 import os
 import re
-import shutil
 import tarfile
 import time
 from pathlib import Path
 from typing import Iterator
 
-from slq.io import write_json_atomic, write_text_atomic
+from slq.io import write_atomic_dir, write_json_atomic, write_text_atomic
 from slq.progress import bar
 
 VERSION = 1
@@ -109,26 +108,17 @@ def import_data(source: str | Path, out: str | Path, fmt: str | None = None, *, 
                "webdataset": read_webdataset, "hf-disk": read_hf_disk}
     records = readers[fmt](src, fmt=fmt, image_column=image_column, captions=captions, split_column=split_column)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.importing-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        (tmp / "images").mkdir(parents=True)
-        summary = _write(records, tmp, src, fmt, val=val, test=test, seed=seed, strict=strict,
-                         manifest=manifest, progress=progress)
+    summary = {}
+
+    def write(tmp: Path) -> None:  # a failure leaves nothing; --force swaps the old folder out only at the end
+        (tmp / "images").mkdir()
+        summary.update(_write(records, tmp, src, fmt, val=val, test=test, seed=seed, strict=strict,
+                              manifest=manifest, progress=progress))
         summary.update(out=str(out), format=fmt, columns={"image": image_column, "caption": list(captions),
                                                           "split": split_column})
         write_json_atomic(tmp / "import.json", summary)
-        if out.exists():  # force: the old folder goes only once the new one is complete
-            old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_atomic_dir(out, write)
     return summary
 
 
