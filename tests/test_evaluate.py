@@ -16,6 +16,16 @@ def unit(x):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+def write_checkpoint(cfg: Config) -> str:
+    """A query checkpoint at cfg.train.out (the records name its hash); returns the hash."""
+    import torch
+
+    from slq.checkpoint import checkpoint_hash, save_checkpoint
+
+    save_checkpoint(cfg.path(cfg.train.out), torch.ones(2, DIM), None, {"hidden_size": DIM})
+    return checkpoint_hash(cfg.path(cfg.train.out))
+
+
 def write_embeddings(out, split, img, txt, txt_to_img, checkpoint_hash="abc123"):
     """The embed stage's file contract for one split."""
     out.mkdir(parents=True, exist_ok=True)
@@ -27,7 +37,8 @@ def write_embeddings(out, split, img, txt, txt_to_img, checkpoint_hash="abc123")
     with open(out / f"{split}_text.jsonl", "w") as f:
         for j, i in enumerate(txt_to_img):
             f.write(json.dumps({"id": j, "image_id": int(i), "caption": f"c{j}", "split": split}) + "\n")
-    (out / "meta.json").write_text(json.dumps({"checkpoint_hash": checkpoint_hash, "dim": DIM, "backbone": "tiny"}))
+    (out / "meta.json").write_text(json.dumps({"checkpoint_hash": checkpoint_hash, "dim": DIM, "backbone": "tiny",
+                                               "data_hash": "d0"}))
 
 
 def make_cfg(tmp_path, shuffle: bool) -> Config:
@@ -38,7 +49,7 @@ def make_cfg(tmp_path, shuffle: bool) -> Config:
     if shuffle:  # texts no longer sit next to their image
         txt = txt[rng.permutation(len(txt))]
     cfg = Config(root=str(tmp_path))
-    write_embeddings(tmp_path / cfg.embed.out, cfg.evaluate.split, img, txt, txt_to_img)
+    write_embeddings(tmp_path / cfg.embed.out, cfg.evaluate.split, img, txt, txt_to_img, write_checkpoint(cfg))
     return cfg
 
 
@@ -51,13 +62,24 @@ def test_matching_texts_give_perfect_recall_and_files(tmp_path):
             assert metrics[f"{d}_R@{k}"] == 1.0
     assert metrics["mean_R"] == 1.0
     assert metrics["n_images"] == N_IMG and metrics["n_texts"] == N_IMG * CAPS
-    assert metrics["checkpoint_hash"] == "abc123"
+    assert metrics["checkpoint_hash"] == json.loads((cfg.path(cfg.embed.out) / "meta.json").read_text())["checkpoint_hash"]
 
     rows = list(csv.DictReader(cfg.path(cfg.evaluate.plots).open()))
     assert [int(r["k"]) for r in rows] == list(range(1, 51))
     assert all(float(r["t2i"]) == 1.0 and float(r["i2t"]) == 1.0 for r in rows)
     leftovers = [p for p in cfg.path(cfg.evaluate.metrics).parent.iterdir() if p.name.endswith(".tmp")]
     assert leftovers == []
+
+
+def test_embeddings_of_another_checkpoint_are_refused(tmp_path):
+    from slq.mlops.records import StaleRecordError
+
+    cfg = make_cfg(tmp_path, shuffle=False)
+    meta = cfg.path(cfg.embed.out) / "meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "checkpoint_hash": "0123456789abcdef"}))
+    with pytest.raises(StaleRecordError, match="describes checkpoint 0123456789abcdef, but .* is checkpoint [0-9a-f]{16}"):
+        evaluate.run(cfg)
+    assert not cfg.path(cfg.evaluate.metrics).exists()  # nothing written
 
 
 def test_shuffled_texts_give_chance(tmp_path):

@@ -5,6 +5,8 @@ they hold and refuse a table written by another checkpoint."""
 
 import json
 import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,7 +35,21 @@ def clustered(rng, n, d, centres=50, spread=0.5):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def write_embeddings(out, split, img, txt, txt_to_img, checkpoint_hash="abc123"):
+def write_checkpoint(ckpt_dir) -> str:
+    """A query checkpoint (the records name its hash; the index stage checks the vectors are its)."""
+    import torch
+
+    from slq.checkpoint import checkpoint_hash, save_checkpoint
+
+    save_checkpoint(ckpt_dir, torch.ones(2, 16), None, {"hidden_size": 16})
+    return checkpoint_hash(ckpt_dir)
+
+
+with tempfile.TemporaryDirectory() as _d:
+    HASH = write_checkpoint(Path(_d) / "ckpt")  # the same tensors give the same hash in every fixture
+
+
+def write_embeddings(out, split, img, txt, txt_to_img, checkpoint_hash=HASH):
     """The embed stage's file contract for one split."""
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / f"{split}_image.npy", img)
@@ -54,6 +70,7 @@ def cfg(tmp_path):
     rng = np.random.default_rng(0)
     cfg = Config(root=str(tmp_path))
     cfg.embed.splits = ["val", "test"]
+    write_checkpoint(cfg.path(cfg.train.out))
     for split, n_img in [("val", 20), ("test", 150)]:
         img = unit(rng, n_img, 16)
         txt_to_img = np.repeat(np.arange(n_img), 2)  # two captions per image
@@ -68,6 +85,7 @@ def big(tmp_path):
     rng = np.random.default_rng(1)
     cfg = Config(root=str(tmp_path))
     cfg.embed.splits = ["test"]
+    write_checkpoint(cfg.path(cfg.train.out))
     img = clustered(rng, 5000, 32)
     txt = img[:1000] + 0.3 * rng.standard_normal((1000, 32)).astype(np.float32) / np.sqrt(32)
     txt /= np.linalg.norm(txt, axis=1, keepdims=True)
@@ -83,7 +101,7 @@ def test_run_writes_tables_versions_and_report(cfg):
     report = index.run(cfg)
     on_disk = json.loads(cfg.path(cfg.index.out).read_text())
     assert on_disk == report
-    assert report["checkpoint_hash"] == "abc123"
+    assert report["checkpoint_hash"] == HASH
     assert report["slq_val_image"] == {"rows": 20, "version": 1, "ann": False}
     text = report["slq_test_text"]
     assert text["rows"] == 300 and text["ann"] is True and text["version"] == 2  # the index is a new version
@@ -115,13 +133,13 @@ def test_run_writes_tables_versions_and_report(cfg):
     assert {"id", "image_id", "caption", "image", "split", "checkpoint_hash"} <= set(schema.names)
     row = tbl.search().where("id = 'cap3'").limit(1).to_list()[0]
     assert row["image_id"] == "img1" and row["caption"] == "caption 3 of image 1"
-    assert row["image"] == "images/1.png" and row["checkpoint_hash"] == "abc123"
+    assert row["image"] == "images/1.png" and row["checkpoint_hash"] == HASH
 
 
 def test_search_with_own_vector_returns_item_first(cfg):
     index.run(cfg)
     img = np.load(cfg.path(cfg.embed.out) / "test_image.npy")
-    searcher = slq_search.Searcher(cfg, "abc123")
+    searcher = slq_search.Searcher(cfg, HASH)
     for i in (0, 7, 149):
         res = searcher.search(img[i], "test", "image", k=3)
         hits = res["hits"]
@@ -162,7 +180,7 @@ def test_ann_is_measured_tuned_and_used(big):
     assert (s["tried"][0]["nprobes"], s["tried"][0]["refine_factor"]) == (8, None)
     assert s["tried"][0]["recall"] < 0.95  # 4-byte PQ codes alone do not reach it: tuning had to raise settings
 
-    searcher = slq_search.Searcher(big, "abc123")
+    searcher = slq_search.Searcher(big, HASH)
     txt = np.load(big.path(big.embed.out) / "test_text.npy")
     img = np.load(big.path(big.embed.out) / "test_image.npy")
     found = 0
@@ -174,7 +192,7 @@ def test_ann_is_measured_tuned_and_used(big):
         found += len(exact & {h["id"] for h in res["hits"]})
     assert found / 200 >= 0.9
 
-    exact_searcher = slq_search.Searcher(big, "abc123", exact=True)
+    exact_searcher = slq_search.Searcher(big, HASH, exact=True)
     res = exact_searcher.search(txt[0], "test", "image", k=10)
     assert res["search"]["mode"] == "exact"
     assert [h["id"] for h in res["hits"]] == [f"img{i}" for i in np.argsort(-(img @ txt[0]))[:10]]
@@ -209,16 +227,26 @@ def test_settings_are_checked_before_any_work(cfg):
 def test_stale_settings_fall_back_to_exact(big):
     big.index.ann_min_rows = 10**6  # no ANN index: exact, and it says why
     index.run(big)
-    res = slq_search.Searcher(big, "abc123").search(np.ones(32, np.float32) / 32**0.5, "test", "image", k=3)
+    res = slq_search.Searcher(big, HASH).search(np.ones(32, np.float32) / 32**0.5, "test", "image", k=3)
     assert res["search"]["mode"] == "exact" and "ann_min_rows" in res["search"]["why"]
 
     big.index.ann_min_rows = 5000
     report = index.run(big)
     tbl = lancedb.connect(str(big.path(big.index.uri))).open_table("slq_test_image")
     tbl.delete("id = 'img0'")  # the table moved on after tuning: the settings no longer describe it
-    res = slq_search.Searcher(big, "abc123").search(np.ones(32, np.float32) / 32**0.5, "test", "image", k=3)
+    res = slq_search.Searcher(big, HASH).search(np.ones(32, np.float32) / 32**0.5, "test", "image", k=3)
     assert res["search"]["mode"] == "exact"
     assert f"tuned for table version {report['slq_test_image']['version']}" in res["search"]["why"]
+
+
+def test_embeddings_of_another_checkpoint_are_not_indexed(cfg):
+    from slq.mlops.records import StaleRecordError
+
+    meta = cfg.path(cfg.embed.out) / "meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "checkpoint_hash": "0123456789abcdef"}))
+    with pytest.raises(StaleRecordError, match=f"describes checkpoint 0123456789abcdef, but .* is checkpoint {HASH}"):
+        index.run(cfg)
+    assert not cfg.path(cfg.index.out).exists()
 
 
 def test_a_table_of_another_checkpoint_is_refused(cfg):
@@ -228,7 +256,7 @@ def test_a_table_of_another_checkpoint_is_refused(cfg):
         searcher.search(np.zeros(16, np.float32), "test", "text", k=1)
     msg = str(e.value)
     assert "\n" not in msg
-    assert "table slq_test_text was written by checkpoint abc123, not by the checkpoint checkpoints/slq " \
+    assert f"table slq_test_text was written by checkpoint {HASH}, not by the checkpoint checkpoints/slq " \
            "(fedcba9876543210)" in msg and "dvc repro index" in msg
     with pytest.raises(slq_search.SearchError, match="no index for split 'train'.*splits with a text index: test, val"):
-        slq_search.Searcher(cfg, "abc123").search(np.zeros(16, np.float32), "train", "text", k=1)
+        slq_search.Searcher(cfg, HASH).search(np.zeros(16, np.float32), "train", "text", k=1)

@@ -272,3 +272,21 @@ def test_manual_promotion(project, registered):
     back = tracking.promote(cfg, 2)  # 0.5 > 0.4: passes the gate
     assert back["promoted"] and back["previous_champion_version"] == 3
     assert tracking.promote(cfg, 2)["reason"].endswith("already holds @champion")
+
+
+def test_the_gate_never_compares_numbers_of_another_evaluation(project, registered):
+    """A version scored on other data, split, ks or benchmarks (another evaluation_key) is kept out,
+    however high its number: the champion's number was measured on something else."""
+    from slq.encoder import SLQEncoder
+
+    cfg, ckpts = project
+    cfg = dataclasses.replace(cfg, register=dataclasses.replace(cfg.register, out="reports/register_other.json"))
+    enc = SLQEncoder.from_pretrained(queries=ckpts[0])
+    enc.queries.weight.data.mul_(2)  # another checkpoint (another hash) on the same backbone
+    ckpt = enc.save(cfg.path("ckpt_other"))
+    other = tracking.register_model(cfg, metrics={"t2i_R@1": 0.99}, checkpoint_dir=ckpt,
+                                    tags={"evaluation_key": "a-different-key"})
+    assert not other["promoted"] and "another evaluation" in other["reason"]
+    assert "a-different-key" in other["reason"] and other["champion_version"] == other["previous_champion_version"]
+    by_hand = tracking.promote(cfg, other["version"])  # the gate by hand refuses it too
+    assert not by_hand["promoted"] and "another evaluation" in by_hand["reason"]

@@ -47,6 +47,9 @@ class World(ImageTextBenchmark):
     """The synthetic world's `split` (default test), caption -> image and image -> caption."""
 
     default_root = "data/world"
+    # False: it reads only the manifest (image, caption, split), so on your own data (data.builtin:
+    # false) it is that data's own retrieval task; True: it needs the world's scene files
+    needs_world: ClassVar[bool] = False
     options_allowed = frozenset({"prompts", "split", "manifest", "captions_per_image", "max_caption_words",
                                  "render_dir", "font", "wrap"})
     option_defaults: ClassVar[dict] = {"split": "test", "manifest": "manifest.jsonl", "captions_per_image": None,
@@ -117,6 +120,8 @@ class WorldKnowledge(World):
     sides in the colour of a clear sky", "(1+1) shapes"). Literal training captions never state
     these facts, so only knowledge the backbone holds can match them."""
 
+    needs_world: ClassVar[bool] = True  # the scene files (or the world's vocabulary): the world only
+
     options_allowed = frozenset({"prompts", "split", "manifest", "seed"})
     option_defaults: ClassVar[dict] = {"split": "test", "manifest": "manifest.jsonl", "seed": 0}
 
@@ -146,6 +151,8 @@ class WorldEveryday(World):
     Only scenes whose every colour and shape has a known cue can be asked about, so the split's
     images are those scenes (both ways: each image has its one caption); `info` says how many of
     the split's images that is."""
+
+    needs_world: ClassVar[bool] = True  # the scene files (or the world's vocabulary): the world only
 
     options_allowed = frozenset({"prompts", "split", "manifest", "seed", "cues"})
     option_defaults: ClassVar[dict] = {"split": "test", "manifest": "manifest.jsonl", "seed": 0, "cues": None}
@@ -199,6 +206,8 @@ class WorldComposed(Benchmark):
     -> the same scene with that shape recoloured. Targets are rendered from the scene file (with
     the world's renderer) next to the embedding cache; the gallery is the split's images plus
     every target, and each query's reference image is removed from its own ranking."""
+
+    needs_world: ClassVar[bool] = True  # the scene files (or the world's vocabulary): the world only
 
     prompts: ClassVar[dict] = {"query": QUERY_PROMPT, "gallery": GALLERY_PROMPT}  # CIRR's: the reference's, verbatim
 

@@ -22,11 +22,14 @@ TIMINGS = ("step_time_mean", "wall_time_s", "knowledge_probe_s")  # in metrics o
 
 
 def held_out_scenes(cfg: Config) -> set:
-    """Scene keys of every non-train split: pretraining must never see them."""
+    """Scene keys of every non-train split: pretraining must never see them. Your own data
+    (data.builtin: false) holds no world scenes, so none is held out."""
     from slq.miniature.world import SCENES, load_scenes
     from slq.miniature.pretrain import scene_key
 
     root = cfg.path(cfg.data.root)
+    if not cfg.data.builtin and not (root / SCENES).is_file():
+        return set()
     if not (root / SCENES).is_file():
         raise FileNotFoundError(f"{root / SCENES} not found: the pretrain stage needs the built-in world's scene "
                                 "file (run the validate stage, or `slq data generate`)")
@@ -51,9 +54,14 @@ def pretrain_backbone(cfg: Config) -> dict:
     hist = res.history
     root = cfg.path(cfg.data.root)
     first = next(r for r in load_manifest(root, cfg.data.manifest) if r["split"] == "train")
-    scene = load_scenes(root)[first["image_id"]]
+    if exclude or cfg.data.builtin:  # the world: its scene drawn afresh
+        image = render_scene(load_scenes(root)[first["image_id"]], cfg.data.image_size, random.Random(0))
+    else:  # your own data: its first training photo
+        from slq.inputs import load_image
+
+        image = load_image(root / first["image"], 0)
     backbone = load_generative(out)  # loaded once for both checks
-    sample = describe_image(backbone, render_scene(scene, cfg.data.image_size, random.Random(0)))
+    sample = describe_image(backbone, image)
     probe = probe_facts(backbone)
     metrics = {
         "params": res.params,

@@ -101,7 +101,9 @@ def train_and_score(cfg: Config, method: str, on_event=None, side_by_side: int =
             curve.close()
         if on_event:
             on_event("evaluate", None)
-        bench = evaluate_checkpoint(cfg, out, mc.benchmarks)
+        from slq.mlops.evaluation import method_benchmarks
+
+        bench = evaluate_checkpoint(cfg, out, method_benchmarks(cfg))
     metrics = {"method": method, "budget": budget, "benchmarks": bench}
     if run is not None:
         metrics["mlflow_run_id"] = run.info.run_id  # finish_method logs the scores into this run
@@ -260,12 +262,13 @@ def comparison_benchmarks(cfg: Config, names) -> list[tuple[str, str, dict]]:
     entry of that label gives its options (world_everyday's `cues`, a split), so every method is
     scored exactly as the evaluate stage scores SLQ; a name not there runs with its defaults on
     `evaluate.split`."""
-    from slq.mlops.evaluation import benchmark_entries, benchmark_options
+    from slq.mlops.evaluation import OWN_DATA, benchmark_entries, benchmark_options
 
     entries = benchmark_entries(cfg)
     out = []
     for label in names:
-        name, options = entries[label] if label in entries else benchmark_options(cfg, {"name": label})[1:]
+        default = {"name": "world" if label == OWN_DATA else label}  # `data`: your data's task (world on it)
+        name, options = entries[label] if label in entries else benchmark_options(cfg, default)[1:]
         options = dict(options)
         if name not in WORLD_BENCHMARKS:
             raise ValueError(f"methods.benchmarks: {label!r} is not one of {', '.join(WORLD_BENCHMARKS)}")

@@ -39,16 +39,74 @@ def benchmark_options(cfg: Config, entry: dict) -> tuple[str, str, dict]:
     return label, name, entry
 
 
-def benchmark_entries(cfg: Config) -> dict[str, tuple[str, dict]]:
-    """`evaluate.benchmarks` by label (an entry's `label`, else its name): {label: (name, options)},
-    each resolved by `benchmark_options`. The one place the labels are made (the evaluate, methods
-    and compare stages all read them here); a label given twice is an error."""
-    out = {}
+OWN_DATA = "data"  # the label of your own data's retrieval task (data.builtin: false)
+
+
+def _needs_world(name: str) -> bool:
+    from slq.benchmarks import get_benchmark
+
+    return bool(getattr(get_benchmark(name), "needs_world", False))
+
+
+def benchmark_plan(cfg: Config) -> tuple[dict[str, dict], dict[str, str], dict[str, str]]:
+    """`evaluate.benchmarks` as run on this project's data: (entries by label, skipped {label: why},
+    renamed {configured label: label}).
+
+    On the built-in world every entry runs. On your own data (data.builtin: false) the world's
+    benchmarks that read the pipeline's data folder change meaning: those that need the world's
+    scene files are skipped (they run only on the world), and the plain one (`world`: caption <->
+    image on the manifest's split) is your data's own retrieval task, labelled `data`. So the
+    default list, written for the world, becomes your data's task with no edit; an entry with its
+    own `root` runs as given. A label given twice is an error."""
+    kept: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    renamed: dict[str, str] = {}
     for entry in cfg.evaluate.benchmarks:
-        label, name, options = benchmark_options(cfg, entry)
-        if label in out:
+        entry = dict(entry)
+        name = entry["name"]
+        label = entry.get("label", name)
+        if not cfg.data.builtin and name.startswith("world") and entry.get("root") is None:
+            if _needs_world(name):
+                skipped[label] = (f"{name} runs only on the built-in world (it needs the world's scene files); "
+                                  f"data.root {cfg.data.root} is your own data (data.builtin: false)")
+                continue
+            if "label" not in entry:
+                renamed[label], label = OWN_DATA, OWN_DATA
+        if label in kept:
             raise ValueError(f"evaluate.benchmarks: {label!r} appears twice; give one a `label`")
+        kept[label] = entry
+    if (skipped or renamed) and OWN_DATA not in kept:  # the world's list on your data: your data's task instead
+        kept[OWN_DATA] = {"name": "world"}
+    return kept, skipped, renamed
+
+
+def benchmark_entries(cfg: Config) -> dict[str, tuple[str, dict]]:
+    """The benchmarks to run by label: {label: (name, options)}, each resolved by
+    `benchmark_options`. The one place the labels are made (the evaluate, methods and compare
+    stages all read them here; `benchmark_plan` says which run on your own data)."""
+    out = {}
+    for label, entry in benchmark_plan(cfg)[0].items():
+        _, name, options = benchmark_options(cfg, entry)
         out[label] = (name, options)
+    return out
+
+
+def method_benchmarks(cfg: Config) -> list[str]:
+    """`methods.benchmarks` as labels of `benchmark_entries`: on your own data the world-only ones
+    are dropped and `world` is your data's task (`data`), as in `benchmark_plan`."""
+    kept, skipped, renamed = benchmark_plan(cfg)
+    out: list[str] = []
+    for label in cfg.methods.benchmarks:
+        if label in skipped:
+            continue
+        if label in renamed:
+            label = renamed[label]
+        elif label not in kept and not cfg.data.builtin and label.startswith("world"):  # run with its defaults
+            if _needs_world(label):
+                continue
+            label = OWN_DATA if label == "world" else label
+        if label not in out:
+            out.append(label)
     return out
 
 
@@ -70,7 +128,7 @@ def run_benchmarks(cfg: Config, encoder=None, with_gap: bool | None = None) -> t
     encoder = encoder or load_encoder(cfg, queries=ckpt)
     embedder = CachedEmbedder(encoder, cfg.path(ev.cache_dir), ckpt_hash, batch_size=cfg.embed.batch_size)
     _reuse_embed_stage(cfg, embedder, ckpt_hash)
-    results = {label: get_benchmark(name)(**options).evaluate(embedder, ks=tuple(ev.ks))
+    results = {label: _evaluate_one(label, name, options, embedder, ev.ks)
                for label, (name, options) in benchmark_entries(cfg).items()}
     out = cfg.path(ev.report_dir)
     with_gap = ev.modality_gap if with_gap is None else with_gap
@@ -83,6 +141,17 @@ def run_benchmarks(cfg: Config, encoder=None, with_gap: bool | None = None) -> t
                           f"stage, {embedder.hits} from the cache"}
     write_report(out, results, meta, gap=gap)
     return {label: r.metrics for label, r in results.items()}, gap
+
+
+def _evaluate_one(label: str, name: str, options: dict, embedder, ks):
+    """One benchmark's result; missing data names the benchmark and how to run without it."""
+    from slq.benchmarks import MissingData, get_benchmark
+
+    try:
+        return get_benchmark(name)(**options).evaluate(embedder, ks=tuple(ks))
+    except MissingData as e:
+        raise MissingData(f"benchmark {label!r}: {e}; to run without it, remove its entry from evaluate.benchmarks "
+                          "in params.yaml") from None
 
 
 def _reuse_embed_stage(cfg: Config, embedder, ckpt_hash: str) -> None:
