@@ -144,6 +144,7 @@ class SLQEncoder(nn.Module):
         if queries is None:
             return cls.fresh(adapter, num_queries=num_queries, init=init, seed=seed, prompts=prompts, **options)
         check_backbone(manifest, adapter, queries, allow_backbone_mismatch)
+        check_hidden_state(manifest, adapter, queries)
         check_template(manifest, adapter, queries)
         enc = cls.fresh(adapter, num_queries=manifest["num_queries"], prompts=prompts, **options)
         enc._copy_trained(queries, resume=False)
@@ -189,6 +190,7 @@ class SLQEncoder(nn.Module):
             "template": self.rendered_prompts(),
             "pixel_budget": bb.pixel_budget,  # in force while training (audit)
             "pixel_override": bb.pixel_override,  # set over the folder's own: applied again on load
+            "hidden_state": bb.hidden_state,  # the decoder state pooled (after its final norm): checked on load
         }
         q = self.queries.weight if self.queries is not None else torch.zeros(0, bb.hidden_size)
         return save_checkpoint(out_dir, q, log_temp, {**base, **manifest}, llm=self.llm_tensors())
@@ -354,6 +356,19 @@ def check_backbone(manifest: dict, adapter: BackboneAdapter, ckpt, allow_mismatc
             "would load silently onto a different model. Point at the backbone it was trained with, or pass "
             "allow_backbone_mismatch=True (backbone.allow_mismatch: true) if you mean it."
         )
+
+
+def check_hidden_state(manifest: dict, adapter: BackboneAdapter, ckpt) -> None:
+    """The queries were trained on one decoder state (after the final norm, or before it: they
+    differ, e.g. in Qwen3-VL, vllm issue 33167); pooling another would give other embeddings with no
+    error. A checkpoint that records none was written before the record existed, when slq pooled
+    the post-norm state, as it does now."""
+    want = manifest.get("hidden_state", "final_norm")
+    if want != adapter.hidden_state:
+        raise CheckpointError(
+            f"checkpoint {ckpt} was trained on the decoder's {want!r} hidden state, but slq's {adapter.model_type} "
+            f"adapter pools {adapter.hidden_state!r}: its embeddings would not be the trained ones. Load it with "
+            "the tool that trained it, or retrain the queries here (docs/serving.md, 'Which hidden state')")
 
 
 def check_template(manifest: dict, adapter: BackboneAdapter, ckpt) -> None:

@@ -394,6 +394,8 @@ def model_card(manifest: dict, *, name: str, base_model: str, license_fields: di
                  {"field": "method", "value": method},
                  {"field": "pooling", "value": f"{manifest.get('pooling_mode', 'queries')} "
                                                f"({manifest.get('pooling', '')})"},
+                 {"field": "hidden state", "value": f"{manifest.get('hidden_state', 'final_norm')} (the decoder's "
+                                                    "output the queries are read from; docs: serving, vLLM)"},
                  {"field": "latent queries", "value": manifest.get("num_queries")},
                  {"field": "embedding dimension", "value": manifest.get("hidden_size")},
                  {"field": "backbone", "value": f"{bb.get('path')} ({bb.get('model_type')}), here {bb_where}"},

@@ -162,6 +162,21 @@ def test_checkpoint_on_wider_backbone_is_an_error(tmp_path, tiny_dirs):
         SLQEncoder.from_pretrained(wide, queries=ckpt)
 
 
+def test_checkpoint_records_its_hidden_state_and_refuses_another(tmp_path, tiny_dirs):
+    import json
+
+    enc = SLQEncoder.from_pretrained(tiny_dirs["qwen2_vl"], num_queries=2)
+    ckpt = enc.save(tmp_path / "ckpt")
+    manifest = json.loads((ckpt / "slq.json").read_text())
+    assert manifest["hidden_state"] == "final_norm"  # the decoder's last_hidden_state: after its final norm
+    old = {k: v for k, v in manifest.items() if k != "hidden_state"}  # written before the record: post-norm
+    (ckpt / "slq.json").write_text(json.dumps(old))
+    np.testing.assert_array_equal(SLQEncoder.from_pretrained(queries=ckpt).encode_text(TEXTS), enc.encode_text(TEXTS))
+    (ckpt / "slq.json").write_text(json.dumps({**manifest, "hidden_state": "pre_norm"}))
+    with pytest.raises(CheckpointError, match="trained on the decoder's 'pre_norm' hidden state, but .* pools 'final_norm'"):
+        SLQEncoder.from_pretrained(queries=ckpt)
+
+
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="not an SLQ checkpoint"):
         SLQEncoder.from_pretrained(queries=tmp_path)

@@ -321,6 +321,10 @@ class BackboneAdapter:
     model_types: tuple[str, ...] = ()
     processor_cls: str = ""
     auto_model_cls: str = "AutoModelForImageTextToText"
+    # The decoder state SLQ pools: its `last_hidden_state`, the output after the final norm, in every
+    # family (bench/check_hidden_state.py). Recorded in each checkpoint; a checkpoint trained on
+    # another state ("pre_norm": the last layer's output before the final norm) is refused.
+    hidden_state: str = "final_norm"
 
     def __init__(self, model, processor, source: str, revision: str | None = None, *,
                  min_pixels: int | None = None, max_pixels: int | None = None):
