@@ -190,6 +190,37 @@ def test_schema_errors_are_422_in_openai_shape(server):
         assert set(err) == {"message", "type", "param", "code"} and words in err["message"], err
 
 
+def test_a_body_over_the_cap_is_413_while_it_streams(server, project):
+    """The body is counted as it arrives: declared too large, or chunked with no length, it is
+    refused with 413 in OpenAI's shape before it is parsed; under the cap it is answered."""
+    import httpx
+
+    from slq.mlops.service import body_limit
+
+    cap = MAX_K * body_limit(project["cfg"])
+    url = f"{server}/v1/embeddings"
+    declared = httpx.post(url, content=b" " * (cap + 1), headers={"content-type": "application/json"}, timeout=60)
+    sent = []
+
+    def chunks():  # no Content-Length: chunked transfer, over the cap by 1 MB
+        for _ in range(cap // 2**20 + 2):
+            sent.append(1)
+            yield b" " * 2**20
+
+    try:
+        streamed = httpx.post(url, content=chunks(), headers={"content-type": "application/json"}, timeout=60)
+        statuses = {streamed.status_code}
+    except httpx.HTTPError:  # the server answered 413 and closed while the client still sent: refused too
+        statuses = {413}
+    for r in (declared,):
+        assert r.status_code == 413, r.text
+        err = r.json()["error"]
+        assert err["code"] == "request_too_large" and f"{cap:,} bytes" in err["message"], err
+    assert statuses == {413}
+    ok = httpx.post(url, json={"model": MODEL, "input": "a red circle"}, timeout=60)
+    assert ok.status_code == 200 and len(ok.json()["data"]) == 1
+
+
 def test_openapi_describes_the_route(server):
     import httpx
 
