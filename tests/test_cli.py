@@ -115,7 +115,8 @@ def test_user_errors_are_one_line(runner, proj, monkeypatch):
     error_line(invoke(runner, root, "promote", "99"), "no version 99", "versions: 1, 2")
     monkeypatch.setattr(os, "execvpe", lambda *a: pytest.fail("the server must not start"))
     error_line(invoke(runner, root, "serve", "--version", "99"), "no version 99", "versions: 1, 2")
-    error_line(invoke(runner, root, "search", "a red circle", "--k", "0"), "--k", "at least 1")
+    error_line(invoke(runner, root, "search", "a red circle", "--k", "0"), "--k", "between 1 and 100 (index.max_k)")
+    error_line(invoke(runner, root, "search", "a red circle", "--k", "1000000"), "--k", "got 1000000")
     error_line(invoke(runner, root, "search", "a red circle", "--target", "audio"), "audio", "image, text")
     error_line(invoke(runner, root, "search", "a red circle", "--split", "val"), "'val'", "test")
     error_line(invoke(runner, root, "search", "--image", str(root / "nope.png")), "not found", "nope.png")
@@ -123,7 +124,11 @@ def test_user_errors_are_one_line(runner, proj, monkeypatch):
     error_line(invoke(runner, root, "runs", "compare", "onlyone"), "two or more")
     error_line(invoke(runner, root, "stage", "train", "--set", "train.steps"), "section.key=value")
     error_line(invoke(runner, root, "stage", "train", "--set", "train.nosuch=1"), "unknown", "nosuch")
-    error_line(invoke(runner, root, "stage", "train", "--set", "train.steps=many"), "train.steps", "int")
+    error_line(invoke(runner, root, "stage", "train", "--set", "train.steps=many"), "train.steps: expected an integer",
+               "got 'many'")
+    error_line(invoke(runner, root, "stage", "evaluate", "--set", "evaluate.benchmarks=[{name:world,split:test}]"),
+               "evaluate.benchmarks[0]: expected a mapping with a `name`")
+    error_line(invoke(runner, root, "search", "a red circle", "--k", "many"), "'--k'", "integer", code=2)
 
 
 def test_missing_params_file_is_an_error(runner, proj, tmp_path, monkeypatch):

@@ -6,12 +6,17 @@ file holds every path and only the settings that differ; an overlay (pipelines/s
 names its base with `extends:`, and a section's `builtin:` block holds the built-in backbone's own
 values (see `load_config`). Each pipeline stage reads its own section (same name as the stage
 module and the dvc.yaml stage). Unknown keys are errors, so a typo in params.yaml is caught before
-any work starts.
+any work starts; so is a value that does not fit its field's type, down to the items of lists and
+mappings (an `evaluate.benchmarks` entry without a `name`, `evaluate.ks: [0]`, an unregistered
+method or benchmark): one ConfigError, "<key>: expected <what>, got <value>", which every command
+prints as one `error:` line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -22,6 +27,9 @@ from slq.recipe import FitConfig
 
 class ConfigError(ValueError):
     pass
+
+
+MIN_K = 1  # the fewest hits a search may ask for; the most: index.max_k (IndexConfig.k_error)
 
 
 @dataclass
@@ -74,7 +82,7 @@ class PretrainConfig:
     seed: int = 0
     # task -> share of examples: captioning, questions about an image / a caption, caption
     # paraphrase, knowledge-phrased description -> plain words, fact sentences (slq.miniature.pretrain)
-    mix: dict = field(default_factory=lambda: {"caption": 0.45, "qa_image": 0.25, "qa_text": 0.06,
+    mix: dict[str, float] = field(default_factory=lambda: {"caption": 0.45, "qa_image": 0.25, "qa_text": 0.06,
                                                "describe_text": 0.1, "knowledge_text": 0.08, "facts": 0.06})
     log_every: int = 25
     # speed (same recipe, other arithmetic): "bfloat16" runs each step under bf16 autocast, the weights
@@ -121,12 +129,12 @@ class MethodsConfig:
     compare: list[str] = field(default_factory=lambda: ["zero_shot", "lora", "full"])
     out: str = "checkpoints/methods"  # <out>/<method>: checkpoint folders
     metrics: str = "metrics/methods"  # <metrics>/<method>.json
-    lr: dict = field(default_factory=lambda: {"zero_shot": None, "lora": 2e-3, "full": 4e-4})  # None: train.lr
-    pooling: dict = field(default_factory=lambda: {"zero_shot": "last_token", "lora": "last_token",
+    lr: dict[str, float | None] = field(default_factory=lambda: {"zero_shot": None, "lora": 2e-3, "full": 4e-4})  # None: train.lr
+    pooling: dict[str, str] = field(default_factory=lambda: {"zero_shot": "last_token", "lora": "last_token",
                                                    "full": "last_token"})
     # each method's prompt: "pipeline" (the `prompts` section, as SLQ) or "summarize" (E5-V style
     # "... in one word:"); a method not named here: pipeline, zero_shot: summarize
-    prompts: dict = field(default_factory=lambda: {"zero_shot": "summarize", "lora": "pipeline", "full": "pipeline"})
+    prompts: dict[str, str] = field(default_factory=lambda: {"zero_shot": "summarize", "lora": "pipeline", "full": "pipeline"})
     benchmarks: list[str] = field(default_factory=lambda: ["world", "world_knowledge"])
     report: str = "reports/methods.md"  # the comparison table (`slq readme` copies it into the README)
     summary: str = "metrics/compare.json"  # the compare stage's DVC metrics: {method: {budget, <benchmark>: ...}}
@@ -166,11 +174,18 @@ class IndexConfig:
     nprobes: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])  # grid, ascending
     # grid, ascending; None: no exact re-rank of the ANN candidates
     refine_factors: list[int | None] = field(default_factory=lambda: [None, 5, 10, 20, 50])
-    # the search service (slq serve --search) and the served pyfunc
-    max_k: int = 100  # largest k a request may ask for
+    # the search service (slq serve --search), `slq search` and the served pyfunc
+    max_k: int = 100  # largest k a request may ask for (the least: MIN_K)
     max_text_chars: int = 2000  # longer text is refused before it is tokenized
     max_image_bytes: int = 10_000_000  # decoded image file size cap
     image_root: str | None = None  # image_url / paths are served only from here; None: data.root
+
+    def k_error(self, k: int, name: str = "k") -> str | None:
+        """Why `k` hits are more or fewer than a search may ask for (MIN_K..max_k), or None: the one
+        bound the search service and `slq search --k` apply."""
+        if MIN_K <= k <= self.max_k:
+            return None
+        return f"{name} must be between {MIN_K} and {self.max_k} (index.max_k), got {k}"
 
 
 @dataclass
@@ -270,10 +285,10 @@ class Config:
 
 def _build(cls, values: dict, where: str):
     if not isinstance(values, dict):
-        raise ConfigError(f"params.yaml: `{where}` must be a mapping, got {type(values).__name__}")
+        _bad(where, f"a mapping (the `{where}` section's keys)", values)
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(set(values) - names, key=str)
     if unknown:
         raise ConfigError(f"params.yaml: unknown key(s) {unknown} in `{where}`; known: {sorted(names)}")
     kw: dict[str, Any] = {}
@@ -281,33 +296,248 @@ def _build(cls, values: dict, where: str):
         hint = hints[name]
         sub = f"{where}.{name}" if where else name
         if dataclasses.is_dataclass(hint):
-            kw[name] = _build(hint, value or {}, sub)
+            kw[name] = _build(hint, {} if value is None else value, sub)  # `section:` with nothing under it
         else:
             kw[name] = _check(hint, value, sub)
+            rule = _RULES.get((cls, name))
+            if rule is not None:
+                rule(kw[name], sub)
     return cls(**kw)
 
 
-def _check(hint, value, where: str):
-    origin = getattr(hint, "__origin__", None)
-    ok = True
+# --- values against their types -------------------------------------------------------------------
+# Every value is checked against its field's annotation on load, down to the items of lists and
+# mappings; a value that does not fit is one ConfigError, "<key>: expected <what>, got <value>",
+# which the CLI prints as one `error:` line (slq.mlops.cli.common.USER_ERRORS). _RULES add what a
+# type cannot say (k >= 1, 'auto' or a count); `_check_names` what needs the registries (benchmark
+# and method names).
+
+_SCALARS = {int: ("an integer", "integers"), float: ("a number", "numbers"), bool: ("true or false", "true/false"),
+            str: ("a string", "strings"), type(None): ("null", "null")}
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _under(where: str, key) -> str:
+    """The path of a mapping's item: `pretrain.mix.caption`, or `methods.lr['a b']` for an odd key."""
+    return f"{where}.{key}" if isinstance(key, str) and key.isidentifier() else f"{where}[{key!r}]"
+
+
+def _bad(where: str, expected: str, value, hint: str = ""):
+    raise ConfigError(f"{where or 'the params file'}: expected {expected}, got {_shown(value)}{hint}")
+
+
+def _describe(hint, plural: bool = False) -> str:
+    """What a value of type `hint` is, in words: "an integer or null", "a list of strings"."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a, plural) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, args))
+    if hint is list or origin is list:
+        return ("lists" if plural else "a list") + (f" of {_describe(args[0], True)}" if args else "")
+    if hint is dict or origin is dict:
+        return ("mappings" if plural else "a mapping") + (
+            f" of {_describe(args[0], True)} to {_describe(args[1], True)}" if args else "")
+    if hint in _SCALARS:
+        return _SCALARS[hint][plural]
+    return getattr(hint, "__name__", str(hint))
+
+
+def _scalar_fits(hint, value) -> bool:
+    if typing.get_origin(hint) is typing.Literal:  # one of the values named (True is not 1 here)
+        return any(value == a and type(value) is type(a) for a in typing.get_args(hint))
     if hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif hint is bool:
-        ok = isinstance(value, bool)
-    elif hint is str:
-        ok = isinstance(value, str)
-    elif origin is list:
-        ok = isinstance(value, list)
-    elif str(hint).startswith(("str | None", "typing.Optional[str]")):
-        ok = value is None or isinstance(value, str)
-    elif str(hint).startswith(("int | None", "typing.Optional[int]")):
-        ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
-    if not ok:
-        raise ConfigError(f"params.yaml: `{where}` should be {getattr(hint, '__name__', hint)}, got {value!r}")
-    return value
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is type(None):
+        return value is None
+    return isinstance(value, hint)  # bool, str
+
+
+def _check(hint, value, where: str):
+    """`value` if it fits `hint` (an int where a plain float goes: as the float), else a ConfigError naming
+    the innermost item that does not fit (`evaluate.ks[2]`, `pretrain.mix.caption`)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin is typing.Literal:
+        if not _scalar_fits(hint, value):
+            _bad(where, _describe(hint), value)
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if any(_scalar_fits(arm, value) for arm in args if arm in _SCALARS or typing.get_origin(arm) is typing.Literal):
+            return value  # as given (a float | None setting keeps an int an int, as it always has)
+        for arm in args:  # a container arm (list[...] | None): its items say what does not fit
+            container = typing.get_origin(arm) or arm
+            if container in (list, dict) and isinstance(value, container):
+                return _check(arm, value, where)
+        _bad(where, _describe(hint), value)
+    if hint is list or origin is list:
+        if not isinstance(value, list):
+            _bad(where, _describe(hint), value)
+        for i, item in enumerate(value):
+            if args:
+                _check(args[0], item, f"{where}[{i}]")
+        return value  # as given: a valid list keeps its items' own types
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            _bad(where, _describe(hint), value)
+        for k, v in value.items():
+            if args:
+                if not _scalar_fits(args[0], k):
+                    _bad(where, f"{_describe(args[0], True)} as keys", k)
+                _check(args[1], v, _under(where, k))
+        return value
+    if hint in _SCALARS:
+        if not _scalar_fits(hint, value):
+            _bad(where, _describe(hint), value)
+        return float(value) if hint is float else value
+    raise TypeError(f"{where}: no check for the type {hint!r}")  # a new kind of field: teach _check it
+
+
+def _at_least(low: int):
+    def rule(value, where: str):
+        if value is not None and value < low:
+            _bad(where, f"a whole number >= {low}", value)
+    return rule
+
+
+def _items_at_least(low: int, example: str):
+    def rule(value: list, where: str):
+        if not value:
+            _bad(where, f"a non-empty list of whole numbers >= {low}, e.g. {example}", value)
+        for i, item in enumerate(value):
+            _at_least(low)(item, f"{where}[{i}]")
+    return rule
+
+
+def _workers(value, where: str):
+    if value != "auto" and not (isinstance(value, int) and value >= 1):
+        _bad(where, "'auto' or a whole number >= 1 (how many compared methods run at once)", value)
+
+
+def _query_init(value: str, where: str):
+    if value != "random" and not value.startswith("text:"):
+        _bad(where, "'random' or 'text:<words>'", value)
+
+
+METHOD_PROMPTS = ("pipeline", "summarize")  # = slq.mlops.models.PROMPT_CHOICES (a test holds them equal)
+
+
+def _method_prompts(value: dict, where: str):
+    for method, choice in value.items():
+        if choice not in METHOD_PROMPTS:
+            _bad(_under(where, method), "pipeline (the prompts section, as SLQ) or summarize (the E5-V style "
+                 "one-word prompt)", choice)
+
+
+# evaluate.benchmarks: the options every benchmark reads alike (the rest are the benchmark's own);
+# the path options are slq.mlops.evaluation.PATH_OPTIONS (a test holds them equal)
+BENCHMARK_EXAMPLE = "{name: world, split: test}"
+BENCHMARK_OPTIONS = {"name": str, "label": str, "split": str, "partial": bool, "prompts": dict[str, dict],
+                     **dict.fromkeys(("root", "image_root", "submission_dir", "render_dir", "images_dir", "cues"),
+                                     str | None)}
+
+
+def _benchmark_entries(value: list, where: str):
+    for i, entry in enumerate(value):
+        at = f"{where}[{i}]"
+        if not isinstance(entry, dict):
+            _bad(at, f"a mapping with a `name` (a registered benchmark), e.g. {BENCHMARK_EXAMPLE}", entry)
+        if "name" not in entry:
+            # {name:world} (no space after the colon) is YAML for the key "name:world"
+            typo = any(isinstance(k, str) and ":" in k for k in entry)
+            _bad(at, f"a mapping with a `name` (a registered benchmark), e.g. {BENCHMARK_EXAMPLE}", entry,
+                 f" (YAML needs a space after each colon: {BENCHMARK_EXAMPLE})" if typo else "")
+        for key, hint in BENCHMARK_OPTIONS.items():
+            if key in entry:
+                _check(hint, entry[key], f"{at}.{key}")
+
+
+_RULES = {
+    (EvaluateConfig, "ks"): _items_at_least(1, "[1, 5, 10]"),
+    (EvaluateConfig, "benchmarks"): _benchmark_entries,
+    (IndexConfig, "nprobes"): _items_at_least(1, "[8, 16, 32]"),
+    (IndexConfig, "refine_factors"): lambda v, where: [_at_least(1)(x, f"{where}[{i}]") for i, x in enumerate(v)],
+    **{(IndexConfig, k): _at_least(1) for k in ("max_k", "recall_k", "recall_queries", "max_text_chars",
+                                                 "max_image_bytes", "num_partitions", "num_sub_vectors")},
+    **{(FitConfig, k): _at_least(1) for k in ("num_queries", "batch_size", "save_every", "prefix_buckets",
+                                               "lora_r", "max_text_tokens")},
+    **{(FitConfig, k): _at_least(0) for k in ("steps", "warmup_steps", "num_workers")},
+    (FitConfig, "init"): _query_init,
+    (EmbedConfig, "batch_size"): _at_least(1),
+    (EmbedConfig, "num_workers"): _at_least(0),
+    (PretrainConfig, "batch_size"): _at_least(1),
+    (MethodsConfig, "workers"): _workers,
+    (MethodsConfig, "prompts"): _method_prompts,
+    **{(CorpusConfig, k): _at_least(1) for k in ("actors", "batch_size", "commit_rows")},
+    (CorpusConfig, "max_errors"): _at_least(0),
+}
+
+
+def _check_names(cfg: Config) -> None:
+    """The names that must be registered: each `evaluate.benchmarks` entry's (labels unique),
+    `methods.benchmarks` (a label or a benchmark), and the methods `train` and `methods` name."""
+    from slq.benchmarks import BENCHMARKS, load_all
+
+    entries = cfg.evaluate.benchmarks
+    if any(e["name"] not in BENCHMARKS for e in entries) or any(n not in BENCHMARKS for n in cfg.methods.benchmarks):
+        load_all()  # the plug-ins too (cheap: no torch)
+    registered = ", ".join(sorted(BENCHMARKS))
+    labels: dict = {}
+    for i, e in enumerate(entries):
+        if e["name"] not in BENCHMARKS:
+            _bad(f"evaluate.benchmarks[{i}].name", f"a registered benchmark ({registered})", e["name"])
+        label = e.get("label", e["name"])
+        if label in labels:
+            _bad(f"evaluate.benchmarks[{i}]", f"a label of its own (entry {labels[label]} is {label!r} too: "
+                 "give one a `label`)", e)
+        labels[label] = i
+    for i, name in enumerate(cfg.methods.benchmarks):
+        if name not in labels and name not in BENCHMARKS:
+            _bad(f"methods.benchmarks[{i}]", f"an evaluate.benchmarks label or a registered benchmark ({registered})",
+                 name)
+    _check_methods(cfg)
+
+
+def _check_methods(cfg: Config) -> None:
+    t, m = cfg.train, cfg.methods
+    dt, dm = FitConfig(), MethodsConfig()
+    named = {t.method, *m.compare, *m.lr, *m.pooling, *m.prompts}
+    if named <= {dt.method, *dm.compare} and set(m.compare) <= set(dm.compare) and t.pooling is None:
+        return  # the defaults' names (registered: a test checks), without importing the registry (torch)
+    from slq.methods import METHODS, compared_methods, reference_method
+
+    methods = ", ".join(METHODS)
+    if t.method not in METHODS:
+        _bad("train.method", f"a registered method ({methods})", t.method)
+    if t.pooling is not None and t.pooling not in METHODS[t.method].poolings:
+        _bad("train.pooling", f"null or what method {t.method} pools by ({', '.join(METHODS[t.method].poolings)})",
+             t.pooling)
+    for i, name in enumerate(m.compare):
+        if name not in compared_methods():
+            _bad(f"methods.compare[{i}]", f"a compared method ({', '.join(compared_methods())}; "
+                 f"{reference_method()} itself is the train stage)", name)
+    for key in ("lr", "pooling", "prompts"):
+        for name in getattr(m, key):
+            if name not in METHODS:
+                _bad(f"methods.{key}", f"registered methods as keys ({methods})", name)
+    # methods.pooling's values: each method checks its own when it is built (a MethodError that the
+    # methods stage reports by method, the others' results kept)
+
+
+def yaml_problem(e: Exception) -> str:
+    """A YAML error on one line: what is wrong and where (PyYAML's own message spans several)."""
+    problem = getattr(e, "problem", None) or getattr(e, "context", None)
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    if problem is None:
+        return " ".join(str(e).split())
+    return " ".join(problem.split()) + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else "")
 
 
 def parse_value(key: str, raw: str):
@@ -320,7 +550,8 @@ def parse_value(key: str, raw: str):
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {key}={raw!r}: the value is not valid YAML ({e})") from None
+        shown = key if key.isprintable() else repr(key)
+        raise ConfigError(f"{shown}: expected a YAML value ({yaml_problem(e)}), got {raw!r}") from None
     if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
         value = float(value)
     return value
@@ -355,7 +586,7 @@ def _read(path: Path, chain: tuple = ()) -> dict:
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: must be a mapping of sections, got {type(values).__name__}")
     base = values.pop(EXTENDS, None)
@@ -442,4 +673,5 @@ def load_config(path: str | Path | None = "params.yaml", overrides: dict | list[
     cfg = _build(Config, values, "")
     if blocks and cfg.uses_builtin_backbone():
         cfg = _build(Config, _merge(blocks, values), "")  # the file's own values over the blocks
+    _check_names(cfg)
     return cfg

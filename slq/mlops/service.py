@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from slq.mlops.config import Config
+from slq.mlops.config import MIN_K, Config
 from slq.mlops.http_inputs import RequestError, check_text, decode_image, resolve_image_path
 from slq.mlops.openai_api import ERROR_RESPONSES, Embedder, EmbeddingRequest, EmbeddingResponse, OpenAIError, error_body, validation_error
 from slq.mlops.search import TARGETS, CheckpointMismatch, Searcher, SearchError
@@ -72,8 +72,8 @@ def search_request_schema(cfg: Config) -> dict:
             "description": f"not blank, at most {ic.max_text_chars:,} characters (index.max_text_chars)"}
     none = {"type": "null"}
     common = {
-        "k": {"type": "integer", "minimum": 1, "maximum": ic.max_k, "default": 10,
-              "description": f"how many hits, 1..{ic.max_k} (index.max_k)"},
+        "k": {"type": "integer", "minimum": MIN_K, "maximum": ic.max_k, "default": 10,
+              "description": f"how many hits, {MIN_K}..{ic.max_k} (index.max_k)"},
         "target": {"anyOf": [{"type": "string", "enum": list(TARGETS)}, none],
                    "description": "the modality searched; default: the other one (image for a text or an "
                                   "image + instruction, text for an image)"},
@@ -227,8 +227,8 @@ class SearchService:
             raise RequestError("instruction needs an image (image_b64 or image_url); for a text query use `text`")
         if req.text is None and not has_image:
             raise RequestError("the request has no query: give text, image_b64 or image_url")
-        if not 1 <= req.k <= ic.max_k:
-            raise RequestError(f"k must be between 1 and {ic.max_k} (index.max_k), got {req.k}")
+        if (why := ic.k_error(req.k)) is not None:
+            raise RequestError(why)
         if req.target is not None and req.target not in TARGETS:
             raise RequestError(f"target {req.target!r}: must be one of {', '.join(TARGETS)}")
         if req.text is not None:
@@ -280,6 +280,12 @@ def create_app(cfg: Config, encoder=None, checkpoint_dir: str | Path | None = No
 
     embedder = Embedder(cfg, encoder, service.image_root, service._encode_lock)
     app.state.embedder = embedder
+    # /v1/embeddings: FastAPI reads the body whole, so its size is capped while it streams in (each of
+    # up to index.max_k inputs at most one /search body); /search caps its own, below
+    from slq.mlops.body_cap import BodyCap
+
+    app.add_middleware(BodyCap, limits={"/v1/embeddings": (cfg.index.max_k * limit,
+                                                           lambda msg: error_body(413, msg, code="request_too_large"))})
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):

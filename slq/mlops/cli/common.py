@@ -7,6 +7,7 @@ LanceDB; every command imports what it needs inside.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
 ParamsOpt = typer.Option("params.yaml", "--params", "-p", help="The params file (all paths and settings).")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a param: section.key=value (YAML value). Repeatable.")
@@ -68,6 +70,7 @@ def fail(msg: str, code: int = 1):
 USER_ERRORS = {"slq.mlops.config": "ConfigError", "slq.backbones.base": "BackboneError",
                "slq.checkpoint": "CheckpointError", "slq.inputs": "InputError", "slq.data.coco": "CocoError", "slq.data.importers": "DataImportError",
                "slq.benchmarks.base": "DataError", "slq.mlops.tracking": "TrackingError", "slq.mlops.corpus.errors": "CorpusError", "slq.export": "ExportError",
+               "slq.mlops.records": "StaleRecordError", "slq.data.manifest": "ManifestError",
                "mlflow.exceptions": "MlflowException"}
 
 
@@ -102,6 +105,40 @@ def user_errors(fn):
             fail(one_line(e))
 
     return wrapper
+
+
+class OneLineUsage(TyperGroup):
+    """The root command group: an option or argument the command line gets wrong (a value of the
+    wrong type, an unknown option) is one `error:` line too, naming it and pointing at --help, with
+    click's usage exit code, 2; `slq` alone still shows the help."""
+
+    def make_context(self, *args, **kwargs):
+        with _usage_in_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _usage_in_one_line():
+            return super().invoke(ctx)
+
+
+# click's (typer >= 0.26 carries its own copy of click: found through the public BadParameter)
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+@contextlib.contextmanager
+def _usage_in_one_line():
+    try:
+        yield
+    except _UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `slq`, `slq runs`: the help, as before
+            raise
+        ctx = getattr(e, "ctx", None)
+        see = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        from rich.markup import escape
+
+        message = " ".join(e.format_message().split())
+        console(stderr=True).print(f"[bold red]error:[/] {escape(message)}{escape(see)}", soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
 
 
 def print_table(title: str, rows: list[dict], columns: list[str] | None = None, keep: tuple = ()):

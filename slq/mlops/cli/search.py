@@ -19,7 +19,7 @@ TARGETS = ("image", "text")
 @user_errors
 def search(query: Optional[str] = typer.Argument(None, help="Text to search for."),
            image: Optional[Path] = typer.Option(None, "--image", help="An image file as the query."),
-           k: int = typer.Option(5, "--k", help="How many results (at least 1)."),
+           k: int = typer.Option(5, "--k", help="How many results: 1 to index.max_k, the search service's bound."),
            target: Optional[str] = typer.Option(None, help="Table modality to search: image or text "
                                                 "(default: the other modality than the query's)."),
            split: Optional[str] = typer.Option(None, help="Which split's table (default: evaluate.split); "
@@ -35,13 +35,13 @@ def search(query: Optional[str] = typer.Argument(None, help="Text to search for.
 
     if (query is None) == (image is None):
         fail("give either a text query or --image PATH")
-    if k < 1:
-        fail(f"--k must be at least 1, got {k}")
     if target is not None and target not in TARGETS:
         fail(f"--target {target!r}: must be one of {', '.join(TARGETS)}")
     if image is not None and not image.is_file():
         fail(f"image not found: {image}")
     cfg = config(params, set_)
+    if (why := cfg.index.k_error(k, "--k")) is not None:  # the service's bound, before any index or model loads
+        fail(why)
     target = target or ("image" if query is not None else "text")
     split = split or cfg.evaluate.split
     from slq.mlops.search import Searcher, SearchError, index_table
