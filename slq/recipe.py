@@ -24,7 +24,8 @@ class FitConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0
     temperature: float = 0.07
-    save_every: int = 500  # periodic checkpoints (resume)
+    save_every: int = 500  # periodic checkpoints (resume): every this many steps, or
+    save_every_minutes: float | None = 5.0  # this many minutes after the last, whichever first (None: by step only)
     seed: int = 0
     split_forward: bool = True  # prefix under no_grad into a KV cache; only the queries under autograd
     max_text_tokens: int | None = 128  # a templated caption's token budget (the reference: 128); None: no cut
@@ -47,7 +48,8 @@ class FitConfig:
         return {k: getattr(self, k) for k in LOOP_FIELDS}
 
 
-# the fields `slq.train.fit` reads
+# the fields `slq.train.fit` reads and a checkpoint's manifest records (`save_every_minutes`, read too, is
+# left out: when a run saves changes nothing of its result, and a manifest that gained it would hash anew)
 LOOP_FIELDS = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "temperature",
                "save_every", "seed", "split_forward", "max_text_tokens", "num_workers", "prefix_buckets",
                "compile_queries")

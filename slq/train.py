@@ -3,7 +3,7 @@
 What trains is the method's (slq.methods): for SLQ the shared latent queries alone, the backbone
 frozen; for the compared methods LoRA adapters or the whole LLM; zero-shot trains nothing. AdamW
 over those and the log-temperature (the temperature without weight decay), linear
-warm-up then cosine decay, gradient clipping, periodic checkpoints for resume. The model runs in
+warm-up then cosine decay, gradient clipping, periodic checkpoints for resume (by step and by time). The model runs in
 the backbone's own dtype (`backbone.dtype`); what trains is kept in float32 (queries, LoRA
 adapters, and for full fine-tuning an fp32 master copy of the LLM weights). A DataLoader builds
 the next batches (image decoding, the processor) while the model computes. A run killed at any point and
@@ -113,16 +113,23 @@ def fit(
     progress: bool = True,
     on_step: Callable[[dict], None] | None = None,
     stop_after: int | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> FitResult:
     """Train what `encoder`'s method trains (the queries for slq; LoRA or LLM weights for lora/full)
     and the temperature on (image, caption) pairs; returns per-step metrics.
 
-    `work_dir/last` holds the latest checkpoint (queries, temperature, optimiser, step); when it
-    exists the run resumes from it. `stop_after` ends the call early (as a kill would), for tests.
+    `work_dir/last` holds the latest checkpoint (queries, temperature, optimiser, step), written every
+    `cfg.save_every` steps or `cfg.save_every_minutes` after the last one, whichever comes first, and at
+    the end; when it exists the run resumes from it. `stop_after` ends the call early (as a kill
+    would) and `clock` (seconds) times the checkpoints, for tests.
     """
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
     global_batch = cfg.batch_size * world
     check_enough_data(len(data), global_batch)
+    minutes = cfg.save_every_minutes
+    if minutes is not None and not (isinstance(minutes, (int, float)) and minutes > 0):
+        raise ValueError(f"train.save_every_minutes is {minutes!r}: give a number of minutes > 0, or null to save "
+                         "by step only (train.save_every)")
     device = encoder.backbone.device
     loss_fn = ContrastiveLoss(cfg.temperature).to(device)
     encoder.make_trainable()
@@ -159,6 +166,7 @@ def fit(
 
     steps = StepBatches(encoder.backbone.inputs, encoder.prompts, data, global_batch, cfg, rank)
     loader = iter(make_loader(steps, range(start, end), cfg.num_workers, device))
+    saved_at = clock()
     for step in range(start, end):
         t0 = time.perf_counter()
         ids, img_inputs, txt_inputs = next(loader)
@@ -198,8 +206,10 @@ def fit(
                "step_time": time.perf_counter() - t0}
         result.history.append(rec)
         done = step + 1
-        if last is not None and rank == 0 and (done % cfg.save_every == 0 or done == cfg.steps):
+        if last is not None and rank == 0 and (done % cfg.save_every == 0 or done == cfg.steps or (
+                minutes is not None and clock() - saved_at >= 60 * minutes)):
             _save_state(last, encoder, loss_fn, opt, sched, done, result.history, cfg)
+            saved_at = clock()
         if bar is not None:
             bar.update(1)
             vis = encoder.backbone.inputs.visual_tokens(img_inputs) / max(1, len(ids))

@@ -21,7 +21,8 @@ BUILTIN_PROMPTS = {"text": "{text}\nDescribe the scene.", "image": "Describe the
 # The built-in default's effective recipe as it was when params.yaml was a full copy: the pipeline's
 # trained weights depend on every value here, so they must not move.
 DEFAULT_TRAIN = {"num_queries": 32, "init": "random", "steps": 600, "batch_size": 32, "lr": 0.1, "weight_decay": 0.0,
-                 "warmup_steps": 10, "grad_clip": 1.0, "temperature": 0.07, "save_every": 100, "seed": 0,
+                 "warmup_steps": 10, "grad_clip": 1.0, "temperature": 0.07, "save_every": 100,
+                 "save_every_minutes": 5.0, "seed": 0,
                  "split_forward": True, "max_text_tokens": 128, "num_workers": 0, "prefix_buckets": 1,
                  "compile_queries": False, "method": "slq", "pooling": None, "lora_r": 8, "lora_alpha": 16,
                  "out": "checkpoints/slq", "work_dir": "checkpoints/.work", "metrics": "metrics/train.json",

@@ -82,11 +82,17 @@ def _train_method(cfg: Config, method: str, out: Path, data: list[dict], *, lr: 
     hist, result, work = [], None, None
     if enc.trains:
         work = work_folder(cfg, method, lr, str(enc.backbone.source), world)
+        on_rank_zero(lambda: tidy_work(work), f"tidy the resume folders in {work.parent}")
         # Every rank reads work/last only after all ranks got here (rank 0 writes it only during fit),
         # and all of them must see the same one: a run that resumes on some ranks only would deadlock.
         agree(_resume_state(work), f"the resume state in {work} (train.work_dir must be on a filesystem every "
               "rank sees)")
-        result = fit(enc, data, fit_cfg, work, on_step=on_step, progress=progress and is_main_process())
+        try:
+            result = fit(enc, data, fit_cfg, work, on_step=on_step, progress=progress and is_main_process())
+        except BaseException:  # stopped (an error, Ctrl-C): a checkpoint stays for the resume, an empty folder not
+            if is_main_process():
+                remove_empty(work, work.parent)
+            raise
         hist = result.history
     wall = time.perf_counter() - t0
 
@@ -131,6 +137,7 @@ def _train_method(cfg: Config, method: str, out: Path, data: list[dict], *, lr: 
             write_csv_atomic(history_path, hist, HISTORY_FIELDS)
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)  # finished: nothing left to resume
+            remove_empty(work.parent)  # train.work_dir too, when no other run's resume folder is in it
         return metrics
 
     return on_rank_zero(write_outputs, f"write the checkpoint {out} and the metrics")
@@ -146,8 +153,8 @@ def fit_config(cfg: Config, lr: float):
 
 
 # train settings that do not change a run's result: a killed run resumes across changes to them
-RESULT_NEUTRAL = ("out", "metrics", "history", "work_dir", "num_workers", "save_every", "prefix_buckets",
-                  "compile_queries")
+RESULT_NEUTRAL = ("out", "metrics", "history", "work_dir", "num_workers", "save_every", "save_every_minutes",
+                  "prefix_buckets", "compile_queries")
 
 
 def work_folder(cfg: Config, method: str, lr: float, backbone_source: str, world: int = 1) -> Path:
@@ -161,6 +168,25 @@ def work_folder(cfg: Config, method: str, lr: float, backbone_source: str, world
         [t, method, lr, data_hash(cfg), backbone_source, asdict(cfg.prompts)], sort_keys=True
     ).encode()).hexdigest()[:12]
     return cfg.path(cfg.train.work_dir) / fingerprint
+
+
+def tidy_work(work: Path) -> None:
+    """Before a run: what killed runs left in `train.work_dir`: unfinished or set-aside copies of this
+    run's checkpoint (slq.io.tidy_atomic_dir), and empty resume folders of any run."""
+    from slq.io import tidy_atomic_dir
+
+    tidy_atomic_dir(work / "last")
+    if work.parent.is_dir():
+        remove_empty(*work.parent.iterdir())
+
+
+def remove_empty(*folders: Path) -> None:
+    """Remove each folder that is empty, in order (one in use by another run is not empty: kept)."""
+    for f in folders:
+        try:
+            f.rmdir()
+        except OSError:  # not empty, not a folder, or gone
+            pass
 
 
 def _resume_state(work: Path) -> tuple | None:

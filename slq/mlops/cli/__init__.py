@@ -17,14 +17,22 @@ for _k, _v in {"DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABL
                "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_k, _v)
 
+from slq.threads import apply_thread_defaults  # noqa: E402  (torch's CPU threads: before torch loads)
+
+try:
+    apply_thread_defaults()
+except ValueError as _e:
+    raise SystemExit(f"error: {_e}") from None
+
 from importlib.metadata import entry_points  # noqa: E402
 
 import typer  # noqa: E402
 
 from slq.mlops.cli import corpus, data, evaluate, export, pipeline, registry, search  # noqa: E402
+from slq.mlops.cli.common import OneLineUsage  # noqa: E402
 
 app = typer.Typer(help="SLQ: turn a frozen multimodal LLM into a retriever with shared latent queries.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False, cls=OneLineUsage)
 
 # the top-level commands, in `slq --help` order
 for _command in (pipeline.run, pipeline.stage, pipeline.readme, evaluate.evaluate, evaluate.metrics,
