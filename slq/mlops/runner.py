@@ -7,6 +7,11 @@ full fine-tuning.)
 
 dvc.yaml (`python cli.py stage <name>`), the Prefect flow (flows/pipeline.py) and the CLI
 (`slq run`, `slq stage <name>`) all go through `run_stage`; nothing is written twice.
+
+A stage that fails changes nothing it does not own and leaves what it owns as it was: its outputs
+(`stage_outputs`, the paths dvc.yaml lists for it) are put back however far it got (slq.io.Snapshot;
+the methods stage does so per method, keeping the methods that finished), and it opens no MLflow
+run, nor a store, before it has something to record (slq.mlops.tracking.stage_run).
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ import json
 from pathlib import Path
 
 from slq.mlops.config import Config
+from slq.threads import apply_thread_defaults
+
+apply_thread_defaults()  # before a stage loads torch: threads that share the machine (slq/threads.py)
 
 STAGES = ("validate", "pretrain", "train", "embed", "index", "evaluate", "methods", "compare", "register")
 
@@ -37,7 +45,7 @@ def run_stage(name: str, cfg: Config, method: str | None = None) -> dict:
             from slq.distributed import check_on_every_rank  # (under torchrun the ranks agree on it)
 
             check_on_every_rank(lambda: module.precheck(cfg), f"stage {name}'s checks")
-        with tracking.stage_run(cfg, name) if track else _no_run() as run:
+        with tracking.stage_run(cfg, name) if track else _no_run() as run, _kept_on_failure(name, cfg):
             result = module.run(cfg, method) if name == "methods" else module.run(cfg)
             if run is not None and name != "register":  # register logs its own run in full
                 tracking.log_summary(result)
@@ -61,6 +69,38 @@ def _no_run():
     import contextlib
 
     return contextlib.nullcontext(None)
+
+
+def stage_outputs(name: str, cfg: Config) -> list[Path]:
+    """The files and folders stage `name` writes (dvc.yaml's outs, metrics and plots of the stage).
+    The methods stage's are per method (slq.mlops.stages.methods.method_outputs)."""
+    p = cfg.path
+    report = p(cfg.validate.report)
+    outs = {
+        "validate": [report, report.with_suffix(".html"), cfg.validate.data_docs],
+        "pretrain": [cfg.pretrain.out, cfg.pretrain.metrics, cfg.pretrain.history, cfg.pretrain.knowledge],
+        "train": [cfg.train.out, cfg.train.metrics, cfg.train.history],
+        "embed": [cfg.embed.out],
+        "index": [cfg.index.uri, cfg.index.out, cfg.index.metrics],
+        "evaluate": [cfg.evaluate.metrics, cfg.evaluate.plots, cfg.evaluate.report_dir],
+        "methods": [],
+        "compare": [cfg.methods.report, cfg.methods.summary, cfg.methods.html, cfg.methods.readme],
+        "register": [cfg.register.out],
+    }[name]
+    return [p(x) for x in outs if x]
+
+
+def _kept_on_failure(name: str, cfg: Config):
+    """The stage's outputs put back as they were if it raises (on rank 0 of a torchrun job, which
+    alone writes them)."""
+    import contextlib
+    import os
+
+    from slq.io import restored_on_failure
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    return restored_on_failure(stage_outputs(name, cfg))
 
 
 def prepare(params: str | Path, overrides: dict | None = None, log=print) -> tuple[Config, bool]:

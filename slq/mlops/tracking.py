@@ -10,14 +10,20 @@ Runs of one pipeline execution: a parent run, a nested run per stage and per met
       └── register                                             (the model, its version, the gate)
 
 A stage that DVC (or the Prefect flow) skips because nothing changed gets no run: the tree shows
-what actually ran. Stages run in separate processes under `dvc repro`, so the parent is found, not
-passed: the newest RUNNING pipeline run of this workspace (`SLQ_MLFLOW_PARENT_RUN` names it
-explicitly, and is set for this process and its children once found). The register stage, the
-last one, finishes it; a pipeline that failed part-way keeps its parent open, so the rerun's
-stages join the same tree, unless it is older than `STALE_HOURS`.
+what actually ran. A stage's run (and the parent, and the store itself) is opened only once the
+stage has something to record: its first training-curve points, a method's run, the registry, or
+its summary when it succeeds; it is dated from the stage's start. A stage that fails before then
+records nothing; where the store does not exist yet, even the curve waits for the stage to
+succeed, so a failed stage creates no `mlflow.db` (one exception: side-by-side method workers need
+the methods run to nest under, so it opens when they start). Stages run in separate processes
+under `dvc repro`, so the parent is found, not passed: the newest RUNNING pipeline run of this
+workspace (`SLQ_MLFLOW_PARENT_RUN` names it explicitly, and is set for this process and its
+children once found). The register stage, the last one, finishes it; a pipeline that failed
+part-way keeps its parent open, so the rerun's stages join the same tree, unless it is older than
+`STALE_HOURS`.
 
 Training curves (loss, temperature, lr, grad norm by step) are logged while training runs,
-flushed every few steps, so the MLflow UI shows the curve grow.
+flushed every few steps, so the MLflow UI shows the curve grow (once the store exists).
 
 The registry: the register stage logs one run with the whole config, the evaluation metrics,
 lineage tags and the servable pyfunc model (`slq.mlops.serve`); the new version becomes
@@ -71,9 +77,10 @@ def workspace_key(cfg: Config) -> str:
     return hashlib.sha256(str(Path(cfg.root).resolve()).encode()).hexdigest()[:16]
 
 
-def parent_run_id(cfg: Config, create: bool = True) -> str | None:
+def parent_run_id(cfg: Config, create: bool = True, start_ms: int | None = None) -> str | None:
     """The pipeline run this process's stages nest under: named by SLQ_MLFLOW_PARENT_RUN, else the
-    newest RUNNING pipeline run of this workspace (not stale), else a new one (when `create`)."""
+    newest RUNNING pipeline run of this workspace (not stale), else a new one (when `create`; dated
+    `start_ms`, default now)."""
     from mlflow.exceptions import MlflowException
 
 
@@ -100,7 +107,9 @@ def parent_run_id(cfg: Config, create: bool = True) -> str | None:
     if not create:
         return None
     commit = git_commit(cfg.root)
-    run = client.create_run(exp.experiment_id, run_name=f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}",
+    start_ms = int(time.time() * 1000) if start_ms is None else int(start_ms)
+    stamp = time.strftime('%Y%m%d-%H%M%S', time.localtime(start_ms / 1000))
+    run = client.create_run(exp.experiment_id, run_name=f"pipeline-{stamp}", start_time=start_ms,
                             tags={ROLE: "pipeline", WORKSPACE: key, "git_commit": commit,
                                   "workspace": str(Path(cfg.root).resolve())})
     os.environ[PARENT_ENV] = run.info.run_id
@@ -121,29 +130,93 @@ def finish_parent(cfg: Config, status: str = "FINISHED") -> str | None:
 
 @contextlib.contextmanager
 def stage_run(cfg: Config, stage: str, run_name: str | None = None, tags: dict | None = None):
-    """A nested run under the pipeline's parent, active while the block runs; yields it (None when
-    MLflow is not installed or this is not rank 0 of a torchrun job)."""
+    """A nested run under the pipeline's parent for the block; yields its `StageRun` (None when
+    MLflow is not installed or this is not rank 0 of a torchrun job). The run opens when the block
+    first records something (`active_run`) or, at the latest, when the block succeeds; a block that
+    fails before then leaves no run and no new store."""
     if not available() or int(os.environ.get("RANK", "0")) != 0:
         yield None
         return
+    run = StageRun(cfg, run_name or stage, {"stage": stage, ROLE: "stage", WORKSPACE: workspace_key(cfg), **(tags or {})})
+    _stage_runs.append(run)
+    try:
+        yield run
+        run.open()
+    except BaseException as e:
+        run.close(e)
+        raise
+    else:
+        run.close(None)
+    finally:
+        _stage_runs.remove(run)
+
+
+_stage_runs: list = []  # this process's StageRuns, outermost first, opened or still pending
+
+
+class StageRun:
+    """One stage's (or method's) nested run, opened on first use: `open()` (also through `info`)
+    opens the enclosing pending runs first, so the run nests as if opened at once, and dates it
+    from when the stage started."""
+
+    def __init__(self, cfg: Config, run_name: str, tags: dict):
+        self.cfg, self.run_name, self.tags = cfg, run_name, tags
+        self.start_ms = int(time.time() * 1000)
+        self.active = None  # mlflow's ActiveRun, once opened
+        self.waiting: list = []  # curves held back until the run opens (no store yet: _StageCurve)
+
+    @property
+    def info(self):
+        return self.open().info
+
+    def open(self):
+        if self.active is None:
+            for run in _stage_runs[:_stage_runs.index(self) + 1]:
+                run._start()
+        return self.active
+
+    def _start(self) -> None:
+        if self.active is not None:
+            return
+        import mlflow
+        from mlflow.tracking.context import registry
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+        client = mlflow_client(self.cfg)
+        active = mlflow.active_run()  # nest under the run of the stage that called (the methods stage)
+        parent = active.info.run_id if active is not None else parent_run_id(self.cfg, start_ms=self.start_ms)
+        # as mlflow.start_run(nested=True, parent_run_id=...) would, with the stage's start time
+        tags = registry.resolve_tags({**self.tags, MLFLOW_PARENT_RUN_ID: parent, MLFLOW_RUN_NAME: self.run_name})
+        exp = client.get_experiment_by_name(self.cfg.register.experiment)
+        run = client.create_run(exp.experiment_id, start_time=self.start_ms, tags=tags, run_name=self.run_name)
+        self.active = mlflow.start_run(run_id=run.info.run_id, nested=True)
+        waiting, self.waiting = self.waiting, []
+        for curve in waiting:
+            curve.flush()
+
+    def close(self, error: BaseException | None) -> None:
+        """End the run if it was opened: FINISHED, or FAILED when the block raised `error`."""
+        if self.active is not None:
+            self.active.__exit__(type(error) if error else None, error, None)
+
+
+def active_run():
+    """The active MLflow run, after opening this process's pending stage runs (None when nothing is
+    tracked here): for code that records into the stage's run."""
+    if _stage_runs:
+        _stage_runs[-1].open()
+    if "mlflow" not in sys.modules:
+        return None
     import mlflow
 
-    active = mlflow.active_run()  # nest under the run of the stage that called (the methods stage)
-    parent = active.info.run_id if active is not None else parent_run_id(cfg)
-    with mlflow.start_run(run_name=run_name or stage, nested=True, parent_run_id=parent,
-                          tags={"stage": stage, ROLE: "stage", WORKSPACE: workspace_key(cfg), **(tags or {})}) as run:
-        yield run
+    return mlflow.active_run()
 
 
 @contextlib.contextmanager
 def children_under_active_run():
     """Processes started inside this block nest their runs under this process's active run (the
     methods stage's workers under the `methods` run), not directly under the pipeline's."""
-    run = None
-    if "mlflow" in sys.modules:
-        import mlflow
-
-        run = mlflow.active_run()
+    run = active_run()  # the stage's run opens here: the children need a run to nest under
     before = os.environ.get(PARENT_ENV)
     if run is not None:
         os.environ[PARENT_ENV] = run.info.run_id
@@ -173,7 +246,7 @@ def log_summary(summary: dict, prefix: str = "") -> None:
                 nums[metric_key(f"{pre}{k}")] = float(v)
 
     walk(summary, prefix)
-    if nums and mlflow.active_run() is not None:
+    if nums and active_run() is not None:
         mlflow.log_metrics(nums)
 
 
@@ -200,19 +273,43 @@ class CurveLogger:
             self.client.log_batch(self.run_id, metrics=self.pending[i:i + 1000])
         self.pending = []
 
-    close = flush
+    def close(self) -> None:
+        self.flush()
+
+
+class _StageCurve(CurveLogger):
+    """A CurveLogger for a stage's run that opens it with its first points (a stage that fails
+    before its first step records nothing). Where the tracking store does not exist yet, the points
+    wait for the stage to succeed: a failed stage never creates the store."""
+
+    def __init__(self, cfg: Config, prefix: str, stage: StageRun):
+        super().__init__(None, None, prefix)
+        self.cfg, self.stage = cfg, stage
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        if self.run_id is None:
+            if self.stage.active is None and not _store_exists(self.cfg):
+                if self not in self.stage.waiting:
+                    self.stage.waiting.append(self)
+                return
+            self.client, self.run_id = mlflow_client(self.cfg), self.stage.open().info.run_id
+        super().flush()
 
 
 def curve_logger(cfg: Config, prefix: str = "train") -> CurveLogger | None:
-    """A CurveLogger for the active run, or None when nothing is tracked here."""
+    """A CurveLogger for the stage's run (opened with the curve's first points) or the active run;
+    None when nothing is tracked here."""
     if not available():
         return None
+    if _stage_runs:
+        return _StageCurve(cfg, prefix, _stage_runs[-1])
     import mlflow
 
     run = mlflow.active_run()
     if run is None:
         return None
-
     return CurveLogger(mlflow_client(cfg), run.info.run_id, prefix)
 
 
@@ -347,16 +444,22 @@ def _champion(client, cfg: Config):
         return None
 
 
-def _version_metric(client, cfg: Config, mv) -> float | None:
-    return number(client.get_run(mv.run_id).data.metrics.get(metric_key(cfg.register.gate_metric)))
+def _version_scored(client, cfg: Config, mv) -> tuple[float | None, str | None]:
+    """(gate metric, evaluation key) of the run that registered `mv`: both from one run, so the
+    number is known to come from that evaluation (slq.mlops.records.evaluation_key)."""
+    run = client.get_run(mv.run_id)
+    return number(run.data.metrics.get(metric_key(cfg.register.gate_metric))), run.data.tags.get("evaluation_key")
 
 
-def _gate(client, cfg: Config, version: int, metric: float | None, force: bool = False) -> dict:
-    """Decide whether `version` (scoring `metric`) takes the alias; set it if so. The decision dict."""
+def _gate(client, cfg: Config, version: int, metric: float | None, force: bool = False,
+          key: str | None = None) -> dict:
+    """Decide whether `version` (scoring `metric` under evaluation `key`) takes the alias; set it if
+    so. The decision dict. Numbers measured under different evaluation keys (other data, split, ks
+    or benchmarks) are never compared: such a version is kept out until promoted by hand."""
     rc = cfg.register
     champ = _champion(client, cfg)
     prev_v = int(champ.version) if champ else None
-    prev_m = _version_metric(client, cfg, champ) if champ else None
+    prev_m, prev_key = _version_scored(client, cfg, champ) if champ else (None, None)
     gm = rc.gate_metric
     if prev_v == version:
         promoted, reason = False, f"version {version} already holds @{rc.alias}"
@@ -366,6 +469,11 @@ def _gate(client, cfg: Config, version: int, metric: float | None, force: bool =
         promoted, reason = False, f"version {version} has no finite {gm} metric; cannot pass the gate"
     elif champ is None:
         promoted, reason = True, f"no @{rc.alias} yet; version {version} ({gm}={metric:.6g}) becomes it"
+    elif prev_key != key:
+        promoted, reason = False, (
+            f"@{rc.alias} (version {prev_v}) was scored on another evaluation (data, split, ks or benchmarks: "
+            f"key {prev_key}, version {version} has {key}), so their {gm} do not compare; kept "
+            f"(promote by hand: slq promote {version} --force)")
     elif prev_m is None:
         promoted, reason = True, f"@{rc.alias} (version {prev_v}) has no {gm}; version {version} replaces it"
     elif metric > prev_m:
@@ -433,7 +541,7 @@ def register_model(
         **{f"metric.{k}": str(v) for k, v in metrics.items() if number(v) is None},
         **{k: str(v) for k, v in (tags or {}).items()},
     }
-    active = mlflow.active_run()  # a caller that opened the pipeline's run keeps it as the one run
+    active = active_run()  # a caller that opened the pipeline's run keeps it as the one run
     run_ctx = contextlib.nullcontext(active) if active else mlflow.start_run(
         run_name=f"register-{run_tags['checkpoint_hash']}")
     with run_ctx as r:
@@ -455,7 +563,7 @@ def register_model(
             client.set_model_version_tag(rc.model_name, str(version), "backbone_fingerprint", fingerprint)
         else:  # the same queries on the same backbone: its version already exists
             mlflow.set_tag("reused_model_version", str(version))
-        decision = _gate(client, cfg, version, nums.get(metric_key(rc.gate_metric)))
+        decision = _gate(client, cfg, version, nums.get(metric_key(rc.gate_metric)), key=run_tags.get("evaluation_key"))
         mlflow.set_tags(_decision_tags(decision))
         run_id = r.info.run_id
         experiment_id = r.info.experiment_id
@@ -510,7 +618,8 @@ def promote(cfg: Config, version: int, force: bool = False) -> dict:
     rc = cfg.register
     client = mlflow_client(cfg)
     mv = client.get_model_version(rc.model_name, str(version))
-    decision = _gate(client, cfg, int(version), _version_metric(client, cfg, mv), force=force)
+    metric, key = _version_scored(client, cfg, mv)
+    decision = _gate(client, cfg, int(version), metric, force=force, key=key)
     for k, v in _decision_tags(decision).items():
         client.set_model_version_tag(rc.model_name, str(version), f"manual_{k}", v)
     return {**decision, "model_name": rc.model_name, "alias": rc.alias, "run_id": mv.run_id}
@@ -570,6 +679,15 @@ class TrackingError(LookupError):
 
 def _not_found(e) -> bool:
     return getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+
+
+def _store_exists(cfg: Config) -> bool:
+    """Whether the tracking store is there already (a sqlite file; a server or folder: yes)."""
+    try:
+        existing_store(cfg)
+    except TrackingError:
+        return False
+    return True
 
 
 def existing_store(cfg: Config) -> str:

@@ -17,7 +17,9 @@ few threads, for its hash and a full decode; the results are cached by (path, si
 The report is written only when the data passes, so downstream stages (and DVC) never see a
 report for bad data; a failing run writes `<report stem>.failed.json` next to it instead.
 `<report stem>.html` shows the same results (every expectation, failing rows, fixes) on a page that
-needs no network, whether the data passed or not.
+needs no network; a failing run's page is `<report stem>.failed.html`, and the Data Docs, too, are
+replaced only when the data passes (slq.mlops.stages.validate): a failed run leaves the last good
+validation's outputs as they were.
 """
 
 from __future__ import annotations
@@ -301,10 +303,11 @@ def counts(df: pd.DataFrame) -> dict:
     return {"n_rows": len(df), "n_images": int(df["image_id"].nunique()), "splits": splits}
 
 
-def failure_message(report: dict, path: Path) -> str:
+def failure_message(report: dict, path: Path, page: Path | None = None) -> str:
     failed = [r for r in report["expectations"] if not r["success"]]
+    on_page = f"; on one page: {page}" if page else ""
     lines = [f"data validation failed: {len(failed)} of {len(report['expectations'])} expectations "
-             f"on {report['manifest']} (full report: {path})"]
+             f"on {report['manifest']} (full report: {path}{on_page})"]
     for r in failed:
         name = f"{r['expectation']}({r['column']})" if r["column"] else r["expectation"]
         what = r.get("error") or f"{r['unexpected_count']} row(s)"
