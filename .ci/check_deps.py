@@ -4,7 +4,7 @@
 
 A stage's code is the modules its cmd runs (`python cli.py stage NAME` -> slq.mlops.stages.NAME,
 the runner slq.mlops.runner and the config slq.mlops.config; other commands by the table
-CLI_COMMANDS below) and every slq module they import, transitively, as grimp reads the source
+CLI_COMMANDS below; `cd DIR && python cli.py ...` runs the code in DIR, relative to the stage's wdir) and every slq module they import, transitively, as grimp reads the source
 (imports inside functions included). Importing a module runs its packages' __init__.py first, so
 those count too, except a package __init__.py that imports nothing (a docstring, constants, lazy
 names). Imports by name (importlib) are invisible to grimp: DYNAMIC below says what each such
@@ -15,16 +15,23 @@ Each module's file must be one of the stage's deps, or lie in a folder that is o
 not exist, or a command the table does not know: exit 1, naming the stage and the module.
 Code deps that the stage does not import are reported as notes (they only cause extra reruns).
 
+A stage whose code lies outside its own DVC project (pipelines/smollm2 is a DVC project of its own,
+its stages run the project's slq/ from `cd ../..`) must list files, never folders: that project's
+.dvcignore does not reach them, so DVC would hash a code folder with whatever else is in it (the
+bytecode Python writes into __pycache__/), and the stage would look changed wherever the code ran.
+
     python .ci/check_deps.py --suggest     also print each stage's code deps as few as can be
     python .ci/check_deps.py --fix         rewrite each stage's code deps (slq/...) with them, in place
                                            (a folder where the stage runs more than half of its
-                                           files; comments and the other deps are kept)
+                                           files, files alone for code outside the stage's DVC
+                                           project; comments and the other deps are kept)
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import os
 import re
 import shlex
 import sys
@@ -69,9 +76,36 @@ def _lazy_names(root: Path) -> dict:
     return {}
 
 
+def split_cmd(cmd: str) -> tuple[str, list[str]]:
+    """(the folder the command runs in, relative to the stage's wdir, and its argv): a leading
+    `cd DIR &&` moves it."""
+    argv = shlex.split(cmd)
+    if argv[:1] == ["cd"] and len(argv) >= 3 and argv[2] == "&&":
+        return argv[1], argv[3:]
+    return ".", argv
+
+
+def code_root(cmd: str, wdir: Path) -> Path:
+    """The folder whose slq/ the stage runs."""
+    return (wdir / split_cmd(cmd)[0]).resolve()
+
+
+def dvc_project(dvc_yaml: Path) -> Path | None:
+    """The DVC project that holds this dvc.yaml: the nearest folder, its own or above, with a .dvc/."""
+    for folder in [dvc_yaml.resolve().parent, *dvc_yaml.resolve().parent.parents]:
+        if (folder / ".dvc").is_dir():
+            return folder
+    return None
+
+
+def _outside(root: Path, project: Path | None) -> bool:
+    """Code under `root` is outside the DVC project (so deps on it must be files)."""
+    return project is not None and not (root == project or project in root.parents)
+
+
 def entry_modules(cmd: str) -> list[str]:
     """The modules a stage's cmd runs."""
-    argv = shlex.split(cmd)
+    argv = split_cmd(cmd)[1]
     if argv[:2] != ["python", "cli.py"] or len(argv) < 3:
         raise CheckError(f"unknown cmd {cmd!r}: not `python cli.py ...` (teach .ci/check_deps.py what it runs)")
     if argv[2] == "stage" and len(argv) >= 4:
@@ -146,12 +180,15 @@ class Code:
 
         return {m: chain(m) for m, (_, how) in via.items() if how == "import" or not self._imports_nothing(m)}
 
-    def folders_or_files(self, modules, most: float = 1.0) -> list[str]:
+    def folders_or_files(self, modules, most: float = 1.0, files_only: bool = False) -> list[str]:
         """Few deps that cover these modules' files: a package's folder where more than `most` of
         its Python files are among them (all of them by default; never a top-level package such
-        as slq/, whose every edit would rerun the stage), the files themselves elsewhere."""
+        as slq/, whose every edit would rerun the stage), the files themselves elsewhere; only
+        files with `files_only`. Paths relative to the code's root."""
         need = {self.file(m).relative_to(self.root).as_posix() for m in modules}
         out = set(need)
+        if files_only:
+            return sorted(out)
         for m in sorted(self.graph.modules, key=lambda name: name.count(".")):
             folder = self.root.joinpath(*m.split("."))
             if "." not in m or not (folder / "__init__.py").exists():
@@ -162,8 +199,13 @@ class Code:
         return sorted(o for o in out if not any(o.startswith(f + "/") for f in out))
 
 
-def _is_code(p: Path, wdir: Path) -> bool:
-    return any(p == wdir / pkg or (wdir / pkg) in p.parents for pkg in PACKAGES)
+def _is_code(p: Path, root: Path) -> bool:
+    return any(p == root / pkg or (root / pkg) in p.parents for pkg in PACKAGES)
+
+
+def _as_dep(path: str, root: Path, wdir: Path) -> str:
+    """A path relative to the code's root, written as a dep (relative to the stage's wdir)."""
+    return Path(os.path.relpath(root / path, wdir)).as_posix()
 
 
 def check_file(dvc_yaml: Path, codes: dict, suggest: bool = False) -> tuple[list[str], list[str]]:
@@ -174,6 +216,7 @@ def check_file(dvc_yaml: Path, codes: dict, suggest: bool = False) -> tuple[list
         label = dvc_yaml.resolve().relative_to(REPO)
     except ValueError:
         label = dvc_yaml
+    project = dvc_project(dvc_yaml)
     for stage, spec in (doc.get("stages") or {}).items():
         where = f"{label}:{stage}"
         if "foreach" in spec or "matrix" in spec:
@@ -184,17 +227,24 @@ def check_file(dvc_yaml: Path, codes: dict, suggest: bool = False) -> tuple[list
         deps = [d for d in spec.get("deps", []) if isinstance(d, str) and "${" not in d]
         dep_paths = {d: (wdir / d).resolve() for d in deps}
         cmd = spec["cmd"] if isinstance(spec["cmd"], str) else " ".join(spec["cmd"])
+        root = code_root(cmd, wdir)
+        files_only = _outside(root, project)
         try:
             entries = entry_modules(cmd)
-            if wdir not in codes:
-                codes[wdir] = Code(wdir)
-            code = codes[wdir]
+            if root not in codes:
+                codes[root] = Code(root)
+            code = codes[root]
             modules = code.closure(entries)
         except CheckError as e:
             errors.append(f"{where}: {e}")
             continue
         problems = [f"{where}: dep {d} does not exist" for d, p in dep_paths.items()
-                    if _is_code(p, wdir) and not p.exists()]
+                    if _is_code(p, root) and not p.exists()]
+        if files_only:  # that project's .dvcignore does not reach the code: bytecode would change the hash
+            here = project.relative_to(REPO) if REPO in project.parents else project
+            problems += [f"{where}: dep {d} is a folder outside the stage's DVC project ({here}/): DVC would "
+                         "hash it with everything in it, __pycache__/ included; list its files (--fix does)"
+                         for d, p in dep_paths.items() if _is_code(p, root) and p.is_dir()]
         used, missing = set(), []
         for m in sorted(modules):
             f = code.file(m).resolve()
@@ -202,19 +252,20 @@ def check_file(dvc_yaml: Path, codes: dict, suggest: bool = False) -> tuple[list
             used.update(covering)
             if not covering:
                 missing.append(m)
-                problems.append(f"{where}: module {m} ({f.relative_to(wdir)}) is in no dep; it runs as "
-                                f"{modules[m]}")
-        unused = [d for d, p in dep_paths.items() if _is_code(p, wdir) and p.exists() and d not in used]
+                problems.append(f"{where}: module {m} ({_as_dep(f.relative_to(root).as_posix(), root, wdir)}) "
+                                f"is in no dep; it runs as {modules[m]}")
+        unused = [d for d, p in dep_paths.items() if _is_code(p, root) and p.exists() and d not in used]
         if problems:
             errors += problems
             if missing:
-                errors.append(f"{where}: deps that would cover them: {', '.join(code.folders_or_files(missing))}")
+                cover = [_as_dep(d, root, wdir) for d in code.folders_or_files(missing, files_only=files_only)]
+                errors.append(f"{where}: deps that would cover them: {', '.join(cover)}")
         else:
             lines.append(f"ok    {where}: {len(modules)} modules, all in its deps")
         lines += [f"note  {where}: dep {d} holds no module the stage runs (it only causes reruns)" for d in unused]
         if suggest:  # a folder where the stage runs more than half of its files: fewer lines, a few extra reruns
-            lines.append(f"code deps for {where} ({len(modules)} modules): "
-                         + ", ".join(code.folders_or_files(modules, most=0.5)))
+            lines.append(f"code deps for {where} ({len(modules)} modules): " + ", ".join(
+                _as_dep(d, root, wdir) for d in code.folders_or_files(modules, most=0.5, files_only=files_only)))
     return errors, lines
 
 
@@ -222,12 +273,18 @@ def fix_file(dvc_yaml: Path, codes: dict) -> None:
     """Replace each stage's code deps (those under slq/) with the suggested ones, where the first
     of them was; a text edit that keeps comments, the other deps and their order."""
     doc = yaml.safe_load(dvc_yaml.read_text())
-    suggested = {}
+    project = dvc_project(dvc_yaml)
+    suggested, places = {}, {}
     for stage, spec in doc["stages"].items():
         wdir = (dvc_yaml.parent / spec.get("wdir", ".")).resolve()
-        if wdir not in codes:
-            codes[wdir] = Code(wdir)
-        suggested[stage] = codes[wdir].folders_or_files(codes[wdir].closure(entry_modules(spec["cmd"])), most=0.5)
+        root = code_root(spec["cmd"], wdir)
+        if root not in codes:
+            codes[root] = Code(root)
+        code = codes[root]
+        deps = code.folders_or_files(code.closure(entry_modules(spec["cmd"])), most=0.5,
+                                     files_only=_outside(root, project))
+        suggested[stage] = [_as_dep(d, root, wdir) for d in deps]
+        places[stage] = (wdir, root)
     out, stage, in_deps, placed = [], None, False, False
     for line in dvc_yaml.read_text().splitlines():
         key = re.match(r"^  ([A-Za-z0-9_-]+):", line)
@@ -237,7 +294,8 @@ def fix_file(dvc_yaml: Path, codes: dict) -> None:
             in_deps, placed = True, False
         elif in_deps and re.match(r"^      - ", line):
             dep = line.split("- ", 1)[1].split("#")[0].strip()
-            if any(dep == pkg or dep.startswith(pkg + "/") for pkg in PACKAGES):
+            wdir, root = places[stage]
+            if _is_code((wdir / dep).resolve(), root):
                 if not placed:
                     out += [f"      - {d}" for d in suggested[stage]]
                     placed = True

@@ -27,9 +27,14 @@ SMALL = {
 
 
 def make_project(dest: Path) -> Path:
-    """A copy of the project's pipeline files with a reduced params.yaml."""
+    """A copy of the project's pipeline files with a reduced params.yaml, and the real-LM pipeline's
+    DVC project (pipelines/smollm2, as git holds it) beside them, as in the project: no test runs
+    it, and the default's plain dvc commands must not reach it."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("cli.py", "dvc.yaml", ".dvcignore", "docs/results.md"):  # .dvcignore: bytecode is no code dep
+    second = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "pipelines"],
+                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split()  # its files, no output
+    assert "pipelines/smollm2/.dvc/config" in second
+    for name in ("cli.py", "dvc.yaml", ".dvcignore", "docs/results.md", *second):  # .dvcignore: bytecode is no code dep
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, dest / name)
     for pkg in ("slq", "flows"):
@@ -400,8 +405,10 @@ def test_cli_evaluates_a_checkpoint_on_a_real_format(repro, tmp_path):
 
 def test_a_teammate_pulls_the_results_from_the_s3_remote_and_reruns_nothing(repro, tmp_path, s3_endpoint,
                                                                             monkeypatch):
-    """The team's road: commit + `dvc push` to the S3 remote (moto on 127.0.0.1); a fresh `git clone`
-    + `dvc pull` + `dvc repro` reruns nothing; an experiment's metrics show beside main's."""
+    """The team's road, with the real-LM pipeline's DVC project (pipelines/smollm2) in the tree and
+    never run: commit + `dvc push` to the S3 remote (moto on 127.0.0.1) exits 0 without a warning;
+    a fresh `git clone` + `dvc pull` exits 0, plain `dvc status` is clean, `dvc repro` reruns
+    nothing and `dvc checkout` exits 0; an experiment's metrics show beside main's."""
     import boto3
 
     proj, _ = repro
@@ -420,16 +427,25 @@ def test_a_teammate_pulls_the_results_from_the_s3_remote_and_reruns_nothing(repr
     sh("git", "add", "-A", cwd=origin)
     tracked = sh("git", "ls-files", cwd=origin).stdout.split()
     assert "metrics/eval.json" in tracked and "dvc.lock" in tracked and "data/world.dvc" in tracked
+    assert "pipelines/smollm2/dvc.lock" in tracked and "pipelines/smollm2/metrics/compare.json" in tracked
     assert not [f for f in tracked if f.startswith(("models/", "checkpoints/", "artifacts/", ".dvc/cache"))]
     sh("git", "commit", "-q", "-m", "results", cwd=origin)
-    dvc("push", cwd=origin)
+    assert "Data and pipelines are up to date" in dvc("status", cwd=origin).stdout  # the default's, alone
+    pushed = dvc("push", cwd=origin)  # exits 0 (check)
+    assert "WARNING" not in pushed.stdout + pushed.stderr, pushed.stdout + pushed.stderr
 
     clone = tmp_path / "clone"
     sh("git", "clone", "-q", str(origin), str(clone), cwd=tmp_path)
-    dvc("pull", cwd=clone)
+    pulled = dvc("pull", cwd=clone)
+    assert "WARNING" not in pulled.stdout + pulled.stderr, pulled.stdout + pulled.stderr
     assert "Data and pipelines are up to date" in dvc("status", cwd=clone).stdout
     again = dvc("repro", cwd=clone).stdout
     assert "Running stage" not in again, again
+    checkout = dvc("checkout", cwd=clone)
+    assert "WARNING" not in checkout.stdout + checkout.stderr, checkout.stdout + checkout.stderr
+    assert not sh("git", "status", "--porcelain", cwd=clone).stdout  # nothing the road wrote is left untracked
+    # the real-LM pipeline is there, in its own DVC project: its stages, none of them run
+    assert dvc("stage", "list", cwd=clone / "pipelines/smollm2").stdout.split()[0] == "gguf"
 
     train = yaml.safe_load((clone / "params.yaml").read_text())["train"]
     lr = train.get("lr", train["builtin"]["lr"])  # (an earlier test may have set it over the built-in backbone's)

@@ -1,6 +1,8 @@
 """The real-LM pipeline's configuration (pipelines/smollm2): a params overlay on params.yaml whose
-outputs never collide with the default pipeline's, read by the same stage code, and a dvc.yaml that
-DVC accepts beside the default one. (Running it needs PyPI and ~40 min: docs/methods.md.)"""
+outputs never collide with the default pipeline's, read by the same stage code, and a dvc.yaml in
+a DVC project of its own (pipelines/smollm2/.dvc), which shares the project's cache and remote and
+which the project folder's plain dvc commands skip. (Running it needs PyPI and ~40 min:
+docs/methods.md.)"""
 
 import subprocess
 import sys
@@ -27,7 +29,7 @@ def _paths(cfg) -> dict:
 
 def test_the_real_lm_params_are_an_overlay_apart_from_the_default():
     default, smol = load_config(REPO / "params.yaml"), load_config(PIPE / "params.yaml")
-    assert Path(smol.root).resolve() == Path.cwd().resolve()  # `root: .`: run from the project folder (wdir ../..)
+    assert Path(smol.root).resolve() == Path.cwd().resolve()  # `root: .`: run from the project folder (cd ../..)
     raw = yaml.safe_load((PIPE / "params.yaml").read_text())
     assert (PIPE / raw["extends"]).resolve() == REPO / "params.yaml"  # only what differs from the default
     assert set(raw) - {"root", "extends"} <= set(yaml.safe_load((REPO / "params.yaml").read_text()))
@@ -38,23 +40,42 @@ def test_the_real_lm_params_are_an_overlay_apart_from_the_default():
     assert set(smol.pretrain.mix) == {"caption", "qa_image"}  # the LM is frozen: only tasks with an image
     everyday = [b for b in smol.evaluate.benchmarks if b["name"] == "world_everyday"]
     assert everyday and everyday[0]["cues"] == smol.pretrain.knowledge
+    # DVC keeps a project's outputs inside it: every output of the pipeline's stages is under pipelines/smollm2
+    pipeline_outs = {k: v for k, v in mine.items() if not k.startswith("study.")}
+    pipeline_outs["pretrain.gguf"] = smol.path(smol.pretrain.gguf)
+    assert all(PIPE in p.parents for p in pipeline_outs.values()), pipeline_outs
 
 
-def test_dvc_reads_both_pipelines_and_plain_repro_stays_the_default():
-    """`dvc stage list` accepts the real-LM dvc.yaml (no output claimed twice across the project),
-    every stage runs from the project folder on the real-LM params, and the default dvc.yaml names
-    none of its stages (plain `dvc repro` runs the default pipeline only)."""
-    out = subprocess.run([sys.executable, "-m", "dvc", "stage", "list", "-R", "pipelines"], cwd=REPO,
-                         capture_output=True, text=True)
+def dvc(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True, check=False)
+
+
+def test_its_own_dvc_project_and_plain_dvc_stays_the_default():
+    """`dvc stage list` in pipelines/smollm2 accepts its dvc.yaml; every stage runs in the project
+    folder on the real-LM params and writes only inside pipelines/smollm2 (DVC keeps outputs inside
+    their project); the project folder's plain dvc commands see none of its stages, and the two
+    projects share one cache and one remote."""
+    out = dvc("stage", "list", cwd=PIPE)
     assert out.returncode == 0, out.stderr
     names = [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
-    assert names == [f"pipelines/smollm2/dvc.yaml:{s}" for s in ("gguf", "pretrain", "train", "embed", "evaluate",
-                                                                           "methods", "compare")]
+    assert names == ["gguf", "pretrain", "train", "embed", "evaluate", "methods", "compare"]
     stages = yaml.safe_load((PIPE / "dvc.yaml").read_text())["stages"]
     for name, st in stages.items():
-        assert st["wdir"] == "../.."
-        assert name == "gguf" or st["cmd"] == f"python cli.py stage {name} -p pipelines/smollm2/params.yaml"
+        assert "wdir" not in st  # DVC refuses a working folder outside the project
+        assert name == "gguf" or st["cmd"] == f"cd ../.. && python cli.py stage {name} -p pipelines/smollm2/params.yaml"
+        for kind in ("outs", "metrics", "plots"):
+            for o in st.get(kind, []):
+                path = (PIPE / (o if isinstance(o, str) else next(iter(o)))).resolve()
+                assert PIPE in path.parents, (name, path)
+    root = dvc("stage", "list", "--all", cwd=REPO)
+    assert root.returncode == 0, root.stderr
+    assert "smollm2" not in root.stdout and "\nregister" in "\n" + root.stdout  # the default's, and only them
     assert "smollm2" not in (REPO / "dvc.yaml").read_text()
+    mine, theirs = (dict(line.split("=", 1) for line in dvc("config", "--project", "--list", cwd=d).stdout.split())
+                    for d in (PIPE, REPO))
+    assert Path(mine["cache.dir"]).resolve() == REPO / ".dvc" / "cache"  # DVC gives it absolute
+    assert mine["core.remote"] == theirs["core.remote"] == "team"
+    assert mine["remote.team.url"] == theirs["remote.team.url"]
 
 
 def test_every_param_its_stages_name_is_in_the_file_named():
@@ -65,7 +86,7 @@ def test_every_param_its_stages_name_is_in_the_file_named():
     for name, st in stages.items():
         for entry in st.get("params", []):
             for file, keys in (entry.items() if isinstance(entry, dict) else [("params.yaml", [entry])]):
-                doc = yaml.safe_load((REPO / file).read_text())
+                doc = yaml.safe_load((PIPE / file).read_text())  # relative to the stage's folder
                 for key in keys:
                     node = doc
                     for part in key.split("."):
