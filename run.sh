@@ -18,7 +18,7 @@ setup() {
   local pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
   # torch first, pinned to the CPU wheel (a bare `torch` would pull a multi-GB CUDA build).
   "$VENV/bin/python" -c "import torch" 2>/dev/null || "${pip[@]}" "torch==2.13.0"
-  "$VENV/bin/python" -c "import slq, dvc, dvc_s3, prefect, mlflow, great_expectations, lancedb, ray, lance_ray, moto, gguf, pytest, importlinter, sentence_transformers, openai, schemathesis, mteb, skimage" \
+  "$VENV/bin/python" -c "import slq, dvc, dvc_s3, prefect, mlflow, great_expectations, lancedb, ray, lance_ray, moto, gguf, pytest, importlinter, sentence_transformers, openai, schemathesis, mteb, skimage, hypothesis" \
     2>/dev/null || "${pip[@]}" -e ".[pipeline,scale,test]"
 }
 

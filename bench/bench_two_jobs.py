@@ -32,7 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-SETTINGS = {"before": {"SLQ_THREADS": "off"}, "after": {}}  # after: the project's defaults
+SETTINGS = {"before": {"SLQ_THREADS": "off"},  # torch's and OpenMP's own defaults (libgomp spins 300,000 rounds)
+            "after": {},  # the project's defaults (slq.threads: a short spin)
+            "passive": {"SLQ_THREADS_WAIT": "passive"}}  # the passive wait (no spin)
 WARMUP = 3  # first steps of a job left out of its speed (allocations, first batches)
 TARGET = 0.40  # each job side by side keeps at least this share of its speed alone
 
@@ -74,13 +76,14 @@ def job(backbone: Path, world: Path, steps: int, out: Path) -> None:
     res = fit(enc, data, cfg, progress=False, on_step=lambda rec: stamps.append((time.time(), rec["step_time"])))
     h = hashlib.sha256(enc.queries.weight.detach().numpy().tobytes() + res.log_temp.numpy().tobytes()).hexdigest()
     out.write_text(json.dumps({"applied": applied, "threads": torch.get_num_threads(),
-                               "wait_policy": os.environ.get("OMP_WAIT_POLICY"), "stamps": stamps,
+                               "wait_policy": os.environ.get("OMP_WAIT_POLICY") or (
+                                   f"spin {os.environ['GOMP_SPINCOUNT']}" if "GOMP_SPINCOUNT" in os.environ else None), "stamps": stamps,
                                "final_loss": res.final_loss, "result_sha256": h[:16]}))
 
 
 def launch(setting: str, backbone: Path, world: Path, steps: int, out: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "SLQ_THREADS",
-                                                                 "GOMP_SPINCOUNT", "MKL_NUM_THREADS")}
+                                                                 "SLQ_THREADS_WAIT", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")}
     env.update(SETTINGS[setting], HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(ROOT))
     cmd = [sys.executable, __file__, "--job", str(backbone), str(world), str(out), "--steps", str(steps)]

@@ -10,17 +10,24 @@ ran each about 30x slower than alone (`bench/bench_two_jobs.py`, docs/benchmarks
 `apply_thread_defaults()`, called by the project's entry points (the `slq` CLI and `python cli.py`,
 so every `dvc repro` stage, and `slq.mlops.runner`, so the Prefect flow) before torch is imported:
 
-- `OMP_WAIT_POLICY=PASSIVE`: an idle pool thread sleeps at once and leaves its core to whoever
-  needs it. It changes no result (the same threads split the same work the same way).
+- `GOMP_SPINCOUNT=500`: an idle pool thread spins 500 rounds, not libgomp's 300,000, before it sleeps, and leaves its core to whoever needs it. Measured with two training
+  jobs side by side on 2 cores (`bench/bench_two_jobs.py`, docs/benchmarks.md): libgomp's default
+  keeps each at 3-26% of its speed alone, 500 at 56-70%, a passive wait (`OMP_WAIT_POLICY=PASSIVE`,
+  no spin) at 85-95%; but a job alone is slowed by about 25% with 500 (0.127 -> 0.161 s a step) and
+  60% with the passive wait (0.207 s: a woken thread is late to each small parallel region), so 500
+  is the default: a job alone keeps most of its speed, and two never thrash. It changes no result (the same threads split the same
+  work the same way). `SLQ_THREADS_WAIT=passive` picks the passive wait for a machine that is
+  always shared.
 - the thread count: the cores this process may use, i.e. its CPU affinity (`taskset`, a container's
   cpuset) capped by a cgroup CPU quota (`docker --cpus`). OpenMP already follows the affinity, so
   only a quota lowers it (then `OMP_NUM_THREADS` is set). The count decides a CPU result's bits
   (docs/benchmarks.md), so it does not follow the machine's load: a run gives the same numbers
   whatever else is running.
 
-Whatever is set already wins: `OMP_WAIT_POLICY` or `OMP_NUM_THREADS` in the environment are kept.
+Whatever is set already wins: `OMP_WAIT_POLICY`, `GOMP_SPINCOUNT` or `OMP_NUM_THREADS` in the
+environment are kept (a wait policy set by hand also keeps the spin count unset: libgomp derives it).
 `SLQ_THREADS` overrides: `auto` (the default, as above), a whole number (that many threads,
-`OMP_NUM_THREADS`, with the passive wait), or `off` (set nothing: torch's and OpenMP's own
+`OMP_NUM_THREADS`, with the short spin), or `off` (set nothing: torch's and OpenMP's own
 defaults, the behaviour before this module).
 """
 
@@ -33,7 +40,8 @@ from collections.abc import MutableMapping
 from pathlib import Path
 
 ENV = "SLQ_THREADS"
-WAIT_POLICY = "PASSIVE"
+WAIT_ENV = "SLQ_THREADS_WAIT"  # spin (default: a short spin, SPIN_COUNT) or passive
+SPIN_COUNT = "500"
 
 
 def cpu_budget(cgroup_root: str | Path = "/sys/fs/cgroup") -> int:
@@ -73,7 +81,15 @@ def thread_settings(environ: MutableMapping[str, str] | None = None, budget: int
     choice = environ.get(ENV, "auto").strip().lower() or "auto"
     if choice == "off":
         return {}
-    want: dict[str, str] = {"OMP_WAIT_POLICY": WAIT_POLICY}
+    wait = environ.get(WAIT_ENV, "spin").strip().lower() or "spin"
+    if wait not in ("spin", "passive"):
+        raise ValueError(f"{WAIT_ENV}={environ[WAIT_ENV]!r}: expected spin (a short spin, the default) or passive")
+    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+        want: dict[str, str] = {}  # the wait was set by hand
+    elif wait == "passive":
+        want = {"OMP_WAIT_POLICY": "PASSIVE"}
+    else:
+        want = {"GOMP_SPINCOUNT": SPIN_COUNT}
     if choice == "auto":
         budget = cpu_budget() if budget is None else budget
         try:
@@ -92,7 +108,7 @@ def thread_settings(environ: MutableMapping[str, str] | None = None, budget: int
 
 def apply_thread_defaults(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
     """Set the thread defaults (module docstring) in the environment; returns what it set. Call it before
-    torch is imported: OpenMP reads its wait policy once, when torch loads it. If torch is loaded
+    torch is imported: OpenMP reads its wait settings once, when torch loads it. If torch is loaded
     already, only the thread count still takes effect (torch.set_num_threads)."""
     environ = os.environ if environ is None else environ
     settings = thread_settings(environ)

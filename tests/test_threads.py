@@ -1,5 +1,5 @@
-"""slq.threads: the CPU thread defaults the entry points apply before torch loads (OpenMP's passive
-wait, the thread count sized to the cores the process may use), their override, and that they change
+"""slq.threads: the CPU thread defaults the entry points apply before torch loads (a short OpenMP
+spin, or the passive wait; the thread count sized to the cores the process may use), their override, and that they change
 neither a lone job's thread count nor its result. (Two jobs side by side: bench/bench_two_jobs.py.)"""
 
 import json
@@ -10,27 +10,31 @@ from pathlib import Path
 
 import pytest
 
-from slq.threads import ENV, apply_thread_defaults, cgroup_cpu_quota, cpu_budget, thread_settings
+from slq.threads import ENV, SPIN_COUNT, WAIT_ENV, apply_thread_defaults, cgroup_cpu_quota, cpu_budget, thread_settings
 
 REPO = Path(__file__).resolve().parents[1]
 AFFINITY = len(os.sched_getaffinity(0))
-CLEAN = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT", ENV)
+CLEAN = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT", ENV, WAIT_ENV)
+SPIN = {"GOMP_SPINCOUNT": SPIN_COUNT}
 
 
-def test_auto_waits_passively_and_keeps_the_cores_the_process_may_use():
-    assert thread_settings({}, budget=AFFINITY) == {"OMP_WAIT_POLICY": "PASSIVE"}  # OpenMP's own count already
-    assert thread_settings({ENV: "auto"}, budget=AFFINITY) == {"OMP_WAIT_POLICY": "PASSIVE"}
+def test_auto_spins_briefly_and_keeps_the_cores_the_process_may_use():
+    assert SPIN_COUNT == "500"
+    assert thread_settings({}, budget=AFFINITY) == SPIN  # OpenMP's own count already
+    assert thread_settings({ENV: "auto"}, budget=AFFINITY) == SPIN
     if AFFINITY > 1:  # a CPU quota below the affinity's cores lowers the count
-        assert thread_settings({}, budget=AFFINITY - 1) == {"OMP_WAIT_POLICY": "PASSIVE",
-                                                            "OMP_NUM_THREADS": str(AFFINITY - 1)}
+        assert thread_settings({}, budget=AFFINITY - 1) == {**SPIN, "OMP_NUM_THREADS": str(AFFINITY - 1)}
+    assert thread_settings({WAIT_ENV: "passive"}, budget=AFFINITY) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert thread_settings({WAIT_ENV: "Spin"}, budget=AFFINITY) == SPIN
 
 
 def test_what_is_set_already_wins_and_the_override():
     assert thread_settings({"OMP_WAIT_POLICY": "ACTIVE"}, budget=AFFINITY) == {}
-    assert thread_settings({"OMP_NUM_THREADS": "1"}, budget=1) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert thread_settings({"GOMP_SPINCOUNT": "10"}, budget=AFFINITY) == {}
+    assert thread_settings({"OMP_NUM_THREADS": "1"}, budget=1) == SPIN
     assert thread_settings({ENV: "off"}) == {}  # the behaviour before: nothing set
     assert thread_settings({ENV: " OFF "}) == {}
-    assert thread_settings({ENV: "3"}) == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "3"}
+    assert thread_settings({ENV: "3"}) == {**SPIN, "OMP_NUM_THREADS": "3"}
     assert thread_settings({ENV: "3", "OMP_NUM_THREADS": "8"})["OMP_NUM_THREADS"] == "3"  # the override wins
 
 
@@ -39,12 +43,14 @@ def test_a_bad_override_is_one_line(bad):
     with pytest.raises(ValueError, match=rf"^{ENV}='{bad}': expected auto, off or a whole number of threads >= 1") as e:
         thread_settings({ENV: bad})
     assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=rf"^{WAIT_ENV}='{bad}': expected spin"):
+        thread_settings({WAIT_ENV: bad})
 
 
 def test_apply_sets_the_environment_and_reports_it():
     env = {}
     applied = apply_thread_defaults(env)
-    assert applied["OMP_WAIT_POLICY"] == "PASSIVE" and env == applied
+    assert applied["GOMP_SPINCOUNT"] == SPIN_COUNT and env == applied
     assert apply_thread_defaults(env) == {}  # once is enough: nothing set twice
 
 
@@ -76,18 +82,20 @@ def _probe(code: str, **env) -> dict:
 
 
 PROBE = ("import os, json, {entry}; import torch; "
-         "print(json.dumps({{'wait': os.environ.get('OMP_WAIT_POLICY'), 'threads': torch.get_num_threads()}}))")
+         "print(json.dumps({{'wait': os.environ.get('OMP_WAIT_POLICY') or os.environ.get('GOMP_SPINCOUNT'), "
+         "'threads': torch.get_num_threads()}}))")
 
 
 @pytest.mark.parametrize("entry", ["cli", "slq.mlops.runner"])
 def test_the_entry_points_apply_it_before_torch_loads(entry):
     """The CLI (every dvc.yaml stage is `python cli.py stage ...`) and the runner (the Prefect flow) set
-    the passive wait; a job alone keeps torch's own thread count (so its results keep their bits)."""
+    the short spin; a job alone keeps torch's own thread count (so its results keep their bits)."""
     plain = _probe("import json, torch; print(json.dumps({'threads': torch.get_num_threads()}))")
     got = _probe(PROBE.format(entry=entry))
-    assert got == {"wait": "PASSIVE", "threads": plain["threads"]}
+    assert got == {"wait": SPIN_COUNT, "threads": plain["threads"]}
     assert _probe(PROBE.format(entry=entry), SLQ_THREADS="off") == {"wait": None, "threads": plain["threads"]}
-    assert _probe(PROBE.format(entry=entry), SLQ_THREADS="1") == {"wait": "PASSIVE", "threads": 1}
+    assert _probe(PROBE.format(entry=entry), SLQ_THREADS="1") == {"wait": SPIN_COUNT, "threads": 1}
+    assert _probe(PROBE.format(entry=entry), SLQ_THREADS_WAIT="passive")["wait"] == "PASSIVE"
     assert _probe(PROBE.format(entry=entry), OMP_WAIT_POLICY="ACTIVE")["wait"] == "ACTIVE"
 
 
