@@ -77,12 +77,18 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, description="only the full dimension (no Matryoshka cut is trained)")
     user: str | None = None
+    bank: str | list[str] | None = Field(
+        None, description="the query bank (default 'default', the served checkpoint), or several: each input's "
+                          "embedding from every bank named, all from one pass over the input (an slq extension)")
 
 
 class Embedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
     embedding: list[float] | str = Field(description="floats, or base64 of little-endian float32")
+    bank: str | None = Field(None, description="the bank that made it (when the request names banks)")
+    input_index: int | None = Field(None, description="the input it embeds (when the request names banks: "
+                                                      "`data` is input by input, bank by bank in the order asked)")
 
 
 class Usage(BaseModel):
@@ -112,7 +118,8 @@ ERROR_RESPONSES = {
     400: {"model": ErrorResponse, "description": "a bad input, too long a text, too many inputs, too large an "
                                                  "image, or a `dimensions` other than the full one"},
     403: {"model": ErrorResponse, "description": "an image path outside the image root"},
-    404: {"model": ErrorResponse, "description": "another model than the served one, or no such image file"},
+    404: {"model": ErrorResponse, "description": "another model than the served one, no such bank, or no such "
+                                                 "image file"},
     422: {"model": ErrorResponse, "description": "the body does not match the schema"},
     500: {"model": ErrorResponse, "description": "an unexpected failure (the traceback is in the server log)"},
 }
@@ -158,10 +165,27 @@ class Embedder:
     """Turns an EmbeddingRequest into an EmbeddingResponse body with `encoder` (one batch at a time,
     under `lock`, shared with the /search route)."""
 
-    def __init__(self, cfg: Config, encoder, image_root: Path, lock: threading.Lock | None = None):
+    def __init__(self, cfg: Config, encoder, image_root: Path, lock: threading.Lock | None = None, banks=None):
         self.cfg, self.encoder, self.image_root = cfg, encoder, image_root
         self.lock = lock or threading.Lock()
         self.dim = int(encoder.backbone.hidden_size)
+        self.banks = banks  # slq.mlops.bank_set.BankSet, or None: the encoder alone
+
+    def bank_names(self, req: EmbeddingRequest) -> list[str] | None:
+        """The banks asked for (None: the served checkpoint, the response as OpenAI's)."""
+        if req.bank is None:
+            return None
+        names = [req.bank] if isinstance(req.bank, str) else list(req.bank)
+        if not names:
+            raise OpenAIError("bank is an empty list; name one bank or more, or leave it out", param="bank")
+        if len(set(names)) != len(names):
+            raise OpenAIError(f"bank names a bank twice: {names}", param="bank")
+        served = self.banks.names if self.banks is not None else ["default"]
+        unknown = [n for n in names if n not in served]
+        if unknown:
+            raise OpenAIError(f"unknown bank {unknown[0]!r}; this server serves {', '.join(map(repr, served))}",
+                              404, "bank", "bank_not_found")
+        return names
 
     def items(self, req: EmbeddingRequest) -> list[tuple[str | None, object | None, str]]:
         """The request's items as (text or None, image source or None, param), every cheap check first."""
@@ -256,26 +280,40 @@ class Embedder:
             raise OpenAIError(f"dimensions={req.dimensions}: this model only gives its full dimension {self.dim}; "
                               f"SLQ is not trained for a Matryoshka cut", param="dimensions",
                               code="unsupported_dimensions")
+        names = self.bank_names(req)
         items = self.items(req)
+        if names is not None and len(items) * len(names) > self.cfg.index.max_k:
+            raise OpenAIError(f"{len(items)} inputs x {len(names)} banks = {len(items) * len(names)} embeddings, over "
+                              f"the limit of {self.cfg.index.max_k} per request (index.max_k)", param="bank",
+                              code="too_many_inputs")
         images = {i: self.load_image(img, p) for i, (_, img, p) in enumerate(items) if img is not None}
         groups: dict[str, list[int]] = {"text": [], "image": [], "multimodal": []}
         for i, (text, img, _) in enumerate(items):
             groups["text" if img is None else "image" if text is None else "multimodal"].append(i)
-        vecs = np.zeros((len(items), self.dim), dtype=np.float32)
-        enc = self.encoder
+        asked = names or ["default"]
+        vecs = {n: np.zeros((len(items), self.dim), dtype=np.float32) for n in asked}
+        inputs = {"text": lambda idx: [items[i][0] for i in idx], "image": lambda idx: [images[i] for i in idx],
+                  "multimodal": lambda idx: [(images[i], items[i][0]) for i in idx]}
         with self.lock:
-            if groups["text"]:
-                vecs[groups["text"]] = enc.encode_text([items[i][0] for i in groups["text"]], progress=False)
-            if groups["image"]:
-                vecs[groups["image"]] = enc.encode_image([images[i] for i in groups["image"]], progress=False)
-            if groups["multimodal"]:
-                vecs[groups["multimodal"]] = enc.encode_multimodal(
-                    [(images[i], items[i][0]) for i in groups["multimodal"]], progress=False)
+            for kind, idx in groups.items():
+                if not idx:
+                    continue
+                if self.banks is None:
+                    got = {"default": getattr(self.encoder, f"encode_{kind}")(inputs[kind](idx), progress=False)}
+                else:  # several banks: one pass over the inputs for all of them
+                    got = self.banks.encode(kind, inputs[kind](idx), asked)
+                for n in asked:
+                    vecs[n][idx] = got[n]
         tokens = self.count_tokens([t for t, _, _ in items if t is not None])
-        if req.encoding_format == "base64":
-            data = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vecs]
+
+        def encoded(v):
+            return base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") if req.encoding_format == "base64" \
+                else v.tolist()
+
+        if names is None:
+            data = [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(vecs["default"])]
         else:
-            data = [v.tolist() for v in vecs]
-        return {"object": "list", "data": [{"object": "embedding", "index": i, "embedding": e}
-                                           for i, e in enumerate(data)],
-                "model": req.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+            data = [{"object": "embedding", "index": i * len(names) + j, "embedding": encoded(vecs[n][i]), "bank": n,
+                     "input_index": i} for i in range(len(items)) for j, n in enumerate(names)]
+        return {"object": "list", "data": data, "model": req.model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

@@ -7,6 +7,11 @@
     GET  /health
     POST /v1/embeddings {"model": "slq-retriever", "input": ["a red circle"]}   (slq.mlops.openai_api)
 
+    slq serve --search --bank knowledge=checkpoints/banks/knowledge --answer   # more banks, answers
+    POST /search {"text": "a red circle", "bank": "knowledge"}
+    POST /v1/embeddings {"model": "slq-retriever", "input": ["a red circle"], "bank": ["default", "knowledge"]}
+    POST /answer {"question": "what is left of the red circle?", "k": 3}       (slq.mlops.answer)
+
 The query is embedded with the project's checkpoint (`train.out`) and searched with slq.mlops.search
 (ANN with the index stage's tuned settings, or exact), on the tables of `split` (default
 `evaluate.split`); `target` defaults to the other modality (image for text and for image +
@@ -18,6 +23,13 @@ or is over `index.max_image_bytes`. Images come as base64 or as paths (or file: 
 `index.image_root` (default `data.root`, where the tables' `image` column points); `..` and
 paths outside that root are refused, and no URL is fetched. An unexpected failure is a 500
 with a one-line message; the traceback goes to the server log only.
+
+Banks (slq.mlops.bank_set): the served checkpoint is bank `default`; `--bank NAME=CKPT` loads more
+query banks onto the same backbone (one copy of the weights; a bank of another backbone is refused
+by name), `--bank-index NAME=DIR` gives a bank its LanceDB index. `bank` picks one on /search and
+/answer; /v1/embeddings takes one or several, several answered from one pass over each input.
+`--answer` adds POST /answer: retrieve captions with a bank, then generate an answer with the same
+frozen backbone (slq.mlops.answer).
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from slq.mlops.bank_set import DEFAULT_BANK, BankSet, UnknownBank
 from slq.mlops.config import MIN_K, Config
 from slq.mlops.http_inputs import RequestError, check_text, decode_image, resolve_image_path
 from slq.mlops.openai_api import ERROR_RESPONSES, Embedder, EmbeddingRequest, EmbeddingResponse, OpenAIError, error_body, validation_error
@@ -58,12 +71,13 @@ class SearchRequest(BaseModel):
     k: int = 10
     target: str | None = None
     split: str | None = None
+    bank: str | None = None
 
 
 FIELDS = tuple(SearchRequest.model_fields)
 
 
-def search_request_schema(cfg: Config) -> dict:
+def search_request_schema(cfg: Config, banks: list[str] | None = None) -> dict:
     """The OpenAPI schema of the /search body, with this configuration's limits: one of a text
     query, an image as base64 or an image path (each image with an optional instruction). The
     route parses the body itself (to cap its size while it streams in), so FastAPI cannot derive this."""
@@ -79,6 +93,9 @@ def search_request_schema(cfg: Config) -> dict:
                                   "image + instruction, text for an image)"},
         "split": {"anyOf": [{"type": "string"}, none],
                   "description": "the index tables' split; default evaluate.split (an unknown one is a 404)"},
+        "bank": {"anyOf": [{"type": "string", "enum": list(banks or [DEFAULT_BANK])}, none],
+                 "description": f"the query bank that embeds the query and whose index is searched; default "
+                                f"{DEFAULT_BANK!r} (the served checkpoint)"},
     }
     b64 = {"type": "string", "format": "image-base64", "minLength": 1, "description": "a PNG/JPEG as base64 (or a data: URI), at most "
            f"{ic.max_image_bytes:,} bytes decoded (index.max_image_bytes)"}
@@ -130,6 +147,35 @@ class HealthResponse(BaseModel):
     checkpoint_hash: str
     split: str
     max_k: int
+    banks: dict[str, str] = Field(description="each served bank's checkpoint hash, `default` first")
+    answer: bool = Field(description="whether POST /answer is served")
+
+
+MAX_NEW_TOKENS = 256
+
+
+class AnswerRequest(BaseModel):
+    """POST /answer: a question; the top k captions of the bank's index are the context."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    question: str = Field(min_length=1, description="not blank, at most index.max_text_chars characters")
+    k: int = Field(3, description="captions retrieved as context, 1..index.max_k")
+    bank: str | None = Field(None, description="the query bank that retrieves; default 'default'")
+    split: str | None = Field(None, description="the index tables' split; default evaluate.split")
+    max_new_tokens: int = Field(48, ge=1, le=MAX_NEW_TOKENS, description="greedy generation's budget")
+
+
+class AnswerUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class AnswerResponse(BaseModel):
+    answer: str
+    bank: str
+    hits: list[SearchHit] = Field(description="the retrieved context, best first")
+    usage: AnswerUsage
 
 
 class ErrorMessage(BaseModel):
@@ -140,7 +186,8 @@ class ErrorMessage(BaseModel):
 
 SEARCH_ERRORS = {
     403: {"model": ErrorMessage, "description": "an image_url with '..' or outside the image root"},
-    404: {"model": ErrorMessage, "description": "no index for the split, or no such image file"},
+    404: {"model": ErrorMessage, "description": "no index for the split or the bank, no such bank, or no "
+                                                "such image file"},
     409: {"model": ErrorMessage, "description": "the index was written by another checkpoint"},
     413: {"model": ErrorMessage, "description": "the body or the image is over the limit"},
     422: {"model": ErrorMessage, "description": "the body is not JSON, has an unknown field or a bad value, "
@@ -200,7 +247,8 @@ class SearchService:
     The encoder is not assumed to be thread-safe: one query is embedded at a time.
     """
 
-    def __init__(self, cfg: Config, encoder, checkpoint_hash: str, *, exact: bool = False, source: str = ""):
+    def __init__(self, cfg: Config, encoder, checkpoint_hash: str, *, exact: bool = False, source: str = "",
+                 banks=None, bank_indexes=None):
         self.cfg, self.encoder = cfg, encoder
         self.searcher = Searcher(cfg, checkpoint_hash, exact=exact, source=source or "the loaded checkpoint")
         self.image_root = cfg.path(cfg.index.image_root or cfg.data.root)
@@ -212,6 +260,20 @@ class SearchService:
                 raise
             except SearchError:
                 pass
+        self.banks = BankSet(cfg, encoder, checkpoint_hash, self.searcher, banks, bank_indexes, exact=exact,
+                             source=source)
+
+    def bank(self, name: str | None):
+        """The named bank (default: the served checkpoint's) and its searcher; RequestError 404 when the
+        service has no such bank or the bank no index."""
+        try:
+            bank = self.banks.get(name)
+        except UnknownBank as e:
+            raise RequestError(str(e), 404) from None
+        if bank.searcher is None:
+            raise RequestError(f"bank {bank.name!r} has no index to search (it embeds only): start the service "
+                               f"with --bank-index {bank.name}=DIR, a LanceDB index built with its checkpoint", 404)
+        return bank
 
     def search(self, req: SearchRequest) -> dict:
         """Check the request (every cheap check before anything is decoded or embedded), embed its
@@ -238,14 +300,15 @@ class SearchService:
         kind = "text" if req.text is not None else "image+instruction" if req.instruction is not None else "image"
         target = req.target or ("text" if kind == "image" else "image")
         split = req.split or self.cfg.evaluate.split
+        bank = self.bank(req.bank)
         try:
-            self.searcher.table(split, target)  # an unknown split fails before anything is embedded
+            bank.searcher.table(split, target)  # an unknown split fails before anything is embedded
         except CheckpointMismatch as e:
             raise RequestError(str(e), 409) from None
         except SearchError as e:
             raise RequestError(str(e), 404) from None
         image = load_image(req, self.image_root, ic.max_image_bytes) if has_image else None
-        enc = self.encoder
+        enc = bank.encoder
         with self._encode_lock:
             if kind == "text":
                 vec = enc.encode_text([req.text], progress=False)[0]
@@ -253,13 +316,38 @@ class SearchService:
                 vec = enc.encode_image([image], progress=False)[0]
             else:
                 vec = enc.encode_multimodal([(image, req.instruction)], progress=False)[0]
-        out = self.searcher.search(vec, split, target, req.k)
+        out = bank.searcher.search(vec, split, target, req.k)
         return {"query": kind, "target": target, "split": split, "k": req.k, **out}
 
+    def answer(self, req: AnswerRequest, answerer) -> dict:
+        """Retrieve the top k captions for the question with the bank, then generate from them with
+        the same backbone (slq.mlops.answer)."""
+        ic = self.cfg.index
+        check_text(req.question, "question", ic.max_text_chars)
+        if (why := ic.k_error(req.k)) is not None:
+            raise RequestError(why)
+        bank = self.bank(req.bank)
+        split = req.split or self.cfg.evaluate.split
+        try:
+            bank.searcher.table(split, "text")
+        except CheckpointMismatch as e:
+            raise RequestError(str(e), 409) from None
+        except SearchError as e:
+            raise RequestError(str(e), 404) from None
+        with self._encode_lock:
+            vec = bank.encoder.encode_text([req.question], progress=False)[0]
+        hits = bank.searcher.search(vec, split, "text", req.k)["hits"]
+        out = answerer.generate(req.question, [h.get("caption") or "" for h in hits], req.max_new_tokens)
+        return {"answer": out["answer"], "bank": bank.name, "hits": hits,
+                "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"]}}
 
-def create_app(cfg: Config, encoder=None, checkpoint_dir: str | Path | None = None, *, exact: bool = False):
+
+def create_app(cfg: Config, encoder=None, checkpoint_dir: str | Path | None = None, *, exact: bool = False,
+               banks=None, bank_indexes=None, answer: bool = False):
     """The FastAPI app. `encoder`: an SLQEncoder already loaded from `checkpoint_dir` (default
-    `train.out`); None loads it as `slq search` does."""
+    `train.out`); None loads it as `slq search` does. `banks` ({name: checkpoint}) are loaded onto
+    its backbone, `bank_indexes` ({name: LanceDB folder}) are their indexes (slq.mlops.bank_set);
+    `answer` adds POST /answer (slq.mlops.answer)."""
     from slq.checkpoint import checkpoint_hash
 
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else cfg.path(cfg.train.out)
@@ -269,16 +357,26 @@ def create_app(cfg: Config, encoder=None, checkpoint_dir: str | Path | None = No
         from slq.mlops.models import load_encoder
 
         encoder = load_encoder(cfg, queries=ckpt)
-    service = SearchService(cfg, encoder, checkpoint_hash(ckpt), exact=exact, source=f"the checkpoint {ckpt}")
+    service = SearchService(cfg, encoder, checkpoint_hash(ckpt), exact=exact, source=f"the checkpoint {ckpt}",
+                            banks=banks, bank_indexes=bank_indexes)
+    answerer = None
+    if answer:
+        from slq.mlops.answer import Answerer
+
+        try:
+            answerer = Answerer(encoder.backbone, service._encode_lock)
+        except ValueError as e:
+            raise SearchError(str(e)) from None
     limit = body_limit(cfg)
     app = FastAPI(title="slq search", description="Top k of the SLQ index for a text, an image or an image + "
                   "instruction.")
     app.state.service = service
+    app.state.answerer = answerer
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
 
-    embedder = Embedder(cfg, encoder, service.image_root, service._encode_lock)
+    embedder = Embedder(cfg, encoder, service.image_root, service._encode_lock, banks=service.banks)
     app.state.embedder = embedder
     # /v1/embeddings: FastAPI reads the body whole, so its size is capped while it streams in (each of
     # up to index.max_k inputs at most one /search body); /search caps its own, below
@@ -308,18 +406,23 @@ def create_app(cfg: Config, encoder=None, checkpoint_dir: str | Path | None = No
         if request.url.path.startswith("/v1/"):  # OpenAI's error shape on the OpenAI-compatible routes
             e = validation_error(list(exc.errors()))
             return JSONResponse(e.body(), status_code=e.status)
+        if request.url.path == "/answer":  # the service's own shape: one line
+            err = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid body"}
+            field = ".".join(str(p) for p in err.get("loc", ())[1:]) or "body"
+            return error(422, f"field {field!r}: {err.get('msg')}")
         return await request_validation_exception_handler(request, exc)
 
     @app.get("/health", response_model=HealthResponse, summary="the service is up, and its checkpoint",
              responses={500: SEARCH_ERRORS[500]})
     def health():
         return {"status": "ok", "checkpoint_hash": service.searcher.checkpoint_hash,
-                "split": cfg.evaluate.split, "max_k": cfg.index.max_k}
+                "split": cfg.evaluate.split, "max_k": cfg.index.max_k,
+                "banks": {n: b.checkpoint_hash for n, b in service.banks.banks.items()}, "answer": answerer is not None}
 
     @app.post("/search", summary="top k of the index for a text, an image or an image + instruction",
               responses={200: {"model": SearchResponse, "description": "the hits, best first"}, **SEARCH_ERRORS},
               openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": search_request_schema(cfg)}}}})
+                  "application/json": {"schema": search_request_schema(cfg, service.banks.names)}}}})
     async def search(request: Request):
         try:
             size = request.headers.get("content-length")
@@ -339,11 +442,21 @@ def create_app(cfg: Config, encoder=None, checkpoint_dir: str | Path | None = No
             return error(e.status, str(e))
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES,
+              response_model_exclude_none=True,
               summary="OpenAI-compatible embeddings of texts, images and images + text")
     def embeddings(req: EmbeddingRequest):
         try:
             return embedder.embed(req)
         except OpenAIError as e:
             return JSONResponse(e.body(), status_code=e.status)
+
+    if answerer is not None:
+        @app.post("/answer", response_model=AnswerResponse, summary="retrieve captions with a bank, then answer "
+                  "with the same frozen backbone", responses={k: v for k, v in SEARCH_ERRORS.items() if k != 403})
+        def answer_route(req: AnswerRequest):
+            try:
+                return service.answer(req, answerer)
+            except RequestError as e:
+                return error(e.status, str(e))
 
     return app

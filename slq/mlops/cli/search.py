@@ -87,14 +87,29 @@ def serve(port: int = typer.Option(5001, help="Port to listen on."),
                                        "checkpoint (train.out), instead of the registered embedding model."),
           exact: bool = typer.Option(False, "--exact", help="With --search: exact search even where a table has "
                                      "a tuned ANN index."),
+          bank: Optional[list[str]] = typer.Option(None, "--bank", help="With --search: NAME=CHECKPOINT, another "
+                                                   "query bank on the same backbone (repeatable; the served "
+                                                   "checkpoint is bank 'default')."),
+          bank_index: Optional[list[str]] = typer.Option(None, "--bank-index", help="With --search: NAME=DIR, a "
+                                                         "bank's LanceDB index (built with its checkpoint)."),
+          answer: bool = typer.Option(False, "--answer", help="With --search: also POST /answer (retrieve with a "
+                                      "bank, then generate with the same frozen backbone)."),
           params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt):
     """Serve the registered model over HTTP (mlflow models serve, local environment), or with
     --search the search service (FastAPI + uvicorn; slq/mlops/service.py documents the API)."""
     cfg = config(params, set_)
     if not 0 < port < 65536:
         fail(f"--port must be between 1 and 65535, got {port}")
-    if exact and not search_:
-        fail("--exact applies to --search only")
+    if not search_:
+        for given, name in ((exact, "--exact"), (bank, "--bank"), (bank_index, "--bank-index"), (answer, "--answer")):
+            if given:
+                fail(f"{name} applies to --search only")
+    from slq.mlops.bank_set import parse_pairs
+
+    try:
+        banks, bank_indexes = parse_pairs(bank, "--bank"), parse_pairs(bank_index, "--bank-index")
+    except ValueError as e:
+        fail(str(e))
     if search_:
         if version is not None:
             fail("--version picks a registered embedding model; --search serves the checkpoint the index was "
@@ -105,7 +120,7 @@ def serve(port: int = typer.Option(5001, help="Port to listen on."),
         from slq.mlops.service import create_app
 
         try:  # the encoder loads and the default split's tables are checked before the server starts
-            search_app = create_app(cfg, exact=exact)
+            search_app = create_app(cfg, exact=exact, banks=banks, bank_indexes=bank_indexes, answer=answer)
         except SearchError as e:
             fail(str(e))
         console().print(f"search service at http://{host}:{port}/search (GET /health; /docs for the API)")
