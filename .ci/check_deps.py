@@ -219,9 +219,10 @@ def check_file(dvc_yaml: Path, codes: dict, suggest: bool = False) -> tuple[list
     project = dvc_project(dvc_yaml)
     for stage, spec in (doc.get("stages") or {}).items():
         where = f"{label}:{stage}"
-        if "foreach" in spec or "matrix" in spec:
-            errors.append(f"{where}: foreach/matrix stages are not supported by .ci/check_deps.py")
+        if "matrix" in spec:
+            errors.append(f"{where}: matrix stages are not supported by .ci/check_deps.py (use foreach)")
             continue
+        spec = spec.get("do", spec)  # a foreach stage: its template (${item} in a dep names data, not code)
         wdir = (dvc_yaml.parent / spec.get("wdir", ".")).resolve()
         # ${...} deps name data and models (params.yaml paths), not code
         deps = [d for d in spec.get("deps", []) if isinstance(d, str) and "${" not in d]
@@ -276,6 +277,7 @@ def fix_file(dvc_yaml: Path, codes: dict) -> None:
     project = dvc_project(dvc_yaml)
     suggested, places = {}, {}
     for stage, spec in doc["stages"].items():
+        spec = spec.get("do", spec)  # a foreach stage: its template
         wdir = (dvc_yaml.parent / spec.get("wdir", ".")).resolve()
         root = code_root(spec["cmd"], wdir)
         if root not in codes:
@@ -285,24 +287,25 @@ def fix_file(dvc_yaml: Path, codes: dict) -> None:
                                      files_only=_outside(root, project))
         suggested[stage] = [_as_dep(d, root, wdir) for d in deps]
         places[stage] = (wdir, root)
-    out, stage, in_deps, placed = [], None, False, False
+    out, stage, in_deps, placed, pad = [], None, False, False, ""
     for line in dvc_yaml.read_text().splitlines():
         key = re.match(r"^  ([A-Za-z0-9_-]+):", line)
+        deps_key = re.match(r"^(    |      )deps:", line)  # a stage's, or a foreach stage's `do:`
         if key:
             stage, in_deps = key.group(1), False
-        elif re.match(r"^    deps:", line) and stage in suggested:
-            in_deps, placed = True, False
-        elif in_deps and re.match(r"^      - ", line):
+        elif deps_key and stage in suggested:
+            in_deps, placed, pad = True, False, deps_key.group(1) + "  "
+        elif in_deps and line.startswith(pad + "- "):
             dep = line.split("- ", 1)[1].split("#")[0].strip()
             wdir, root = places[stage]
             if _is_code((wdir / dep).resolve(), root):
                 if not placed:
-                    out += [f"      - {d}" for d in suggested[stage]]
+                    out += [f"{pad}- {d}" for d in suggested[stage]]
                     placed = True
                 continue
-        elif in_deps and not line.startswith("      "):
+        elif in_deps and not line.startswith(pad):
             if not placed:  # the stage listed no code: its code goes last
-                out += [f"      - {d}" for d in suggested[stage]]
+                out += [f"{pad}- {d}" for d in suggested[stage]]
                 placed = True
             in_deps = False
         out.append(line)

@@ -1,6 +1,7 @@
 """The pipeline as a Prefect flow: each stage a task with retries, chained in data order.
 
     data -> validate -> pretrain -> train -> embed -> index -> evaluate -> methods -> compare -> register
+         then, for each query bank of the bank set (dvc.yaml's `banks`): train -> embed -> index -> evaluate -> register
 
 The tasks call the same `slq.mlops.runner.run_stage` as dvc.yaml and the CLI, and in a DVC project
 they mean what `dvc repro` means: a stage whose deps, params and outs match dvc.lock is skipped,
@@ -17,7 +18,11 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from slq.mlops.runner import STAGES, prepare, run_or_skip
+from pathlib import Path
+
+from slq.mlops.runner import STAGES, prepare, run_or_skip, run_stage
+
+BANK_STAGES = ("train", "embed", "index", "evaluate", "register")  # dvc.yaml's bank_<stage>@<bank> stages
 
 RETRIES = {"validate": 0, "pretrain": 1, "train": 1, "embed": 1, "index": 2, "evaluate": 1, "methods": 1,
            "compare": 1, "register": 2}
@@ -50,6 +55,39 @@ def _stage_task(name: str):
 
 
 STAGE_TASKS = {name: _stage_task(name) for name in STAGES}
+
+
+def bank_set(root: str | Path) -> list[str]:
+    """The query banks dvc.yaml's bank_* stages train (its `vars: - banks: [...]`); each bank's params
+    overlay is params/banks/<bank>.yaml. None in a project without them."""
+    import yaml
+
+    dvc_yaml = Path(root) / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        return []
+    for v in yaml.safe_load(dvc_yaml.read_text()).get("vars") or []:
+        if isinstance(v, dict) and "banks" in v:
+            return [str(b) for b in v["banks"]]
+    return []
+
+
+@task(name="bank-stage", retries=1, retry_delay_seconds=5)
+def bank_stage_task(stage: str, bank: str, params: str, root: str, dvc: bool = False) -> dict:
+    """One stage of one bank, with the bank's params overlay; with `dvc`, skipped when dvc.lock says
+    `bank_<stage>@<bank>` is up to date and recorded there when it ran, as `dvc repro` would."""
+    from slq.mlops import lineage
+    from slq.mlops.config import load_config
+
+    log = get_run_logger()
+    cfg = load_config(params, {"root": root})  # the overlay's paths are the project's
+    target = f"bank_{stage}@{bank}"
+    if dvc and lineage.up_to_date(cfg, target):
+        log.info(f"stage {target}: unchanged (deps, params and outs match dvc.lock), skipped")
+        return {"skipped": True}
+    result = run_stage(stage, cfg)
+    if dvc:
+        lineage.record(cfg, target)
+    return result
 
 
 def _log(message: str) -> None:
@@ -88,6 +126,11 @@ def slq_pipeline(params: str = "params.yaml", overrides: dict | list[str] | None
     results = {}
     for name in STAGES:
         results[name] = STAGE_TASKS[name](cfg, dvc=dvc)
+    root = Path(cfg.root).resolve()
+    for bank in bank_set(root):
+        overlay = root / "params" / "banks" / f"{bank}.yaml"
+        for stage in BANK_STAGES:
+            results[f"bank_{stage}@{bank}"] = bank_stage_task(stage, bank, str(overlay), str(root), dvc=dvc)
     publish(results)
     return results
 

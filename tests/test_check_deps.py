@@ -81,3 +81,25 @@ def test_a_code_dep_that_does_not_exist_fails(project):
     res = check(write_stage(project, "train", [*train_deps(), "slq/gone.py"]))
     assert res.returncode == 1
     assert "dvc.yaml:train: dep slq/gone.py does not exist" in res.stdout, res.stdout
+
+
+def test_a_foreach_stage_is_checked_and_fixed_in_its_template(project):
+    """The bank stages (foreach over the bank set): their `do:` template's deps are checked like any
+    stage's, and --fix rewrites them there."""
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["bank_train"]
+    assert "foreach" in spec and "do" in spec
+    deps = [d for d in spec["do"]["deps"] if d != "slq/loss.py"]
+    assert len(deps) < len(spec["do"]["deps"])
+    text = (REPO / "dvc.yaml").read_text()  # the stage as dvc.yaml writes it (--fix edits the text)
+    block = text[text.index("\n  bank_train:"):text.index("\n  bank_embed:")]
+    vars_ = text[text.index("vars:"):text.index("\nstages:")]
+    path = project / "dvc.yaml"
+    path.write_text(vars_ + "\nstages:" + block.replace("        - slq/loss.py\n", "") + "\n")
+    assert yaml.safe_load(path.read_text())["stages"]["bank_train"]["do"]["deps"] == deps
+    res = check(path)
+    assert res.returncode == 1 and "dvc.yaml:bank_train: module slq.loss " in res.stdout, res.stdout
+    fixed = check("--fix", path)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    after = yaml.safe_load(path.read_text())["stages"]["bank_train"]
+    assert "slq/loss.py" in after["do"]["deps"] and "params/banks/${item}.yaml" in after["do"]["deps"]
+    assert after["foreach"] == spec["foreach"]

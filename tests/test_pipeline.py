@@ -16,6 +16,7 @@ import yaml
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
+BANKS = yaml.safe_load((REPO / "dvc.yaml").read_text())["vars"][0]["banks"]  # the bank set
 SMALL = {
     "data": {"n_train": 48, "n_val": 8, "n_test": 24, "image_size": 64},
     "train": {"steps": 6, "batch_size": 8, "save_every": 3, "warmup_steps": 2, "num_queries": 4},
@@ -34,7 +35,8 @@ def make_project(dest: Path) -> Path:
     second = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "pipelines"],
                             cwd=REPO, capture_output=True, text=True, check=True).stdout.split()  # its files, no output
     assert "pipelines/smollm2/.dvc/config" in second
-    for name in ("cli.py", "dvc.yaml", ".dvcignore", "docs/results.md", *second):  # .dvcignore: bytecode is no code dep
+    banks = [p.relative_to(REPO).as_posix() for p in sorted((REPO / "params" / "banks").glob("*.yaml"))]
+    for name in ("cli.py", "dvc.yaml", ".dvcignore", "docs/results.md", *second, *banks):  # .dvcignore: bytecode is no code dep
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, dest / name)
     for pkg in ("slq", "flows"):
@@ -73,6 +75,9 @@ def test_dvc_repro_runs_every_stage(repro):
     proj, out = repro
     for stage in ("validate", "pretrain", "train", "embed", "index", "evaluate", "methods", "compare", "register"):
         assert f"Running stage '{stage}'" in out
+    for bank in BANKS:  # the bank set: a foreach stage per step, each bank its own checkpoint and alias
+        for stage in ("train", "embed", "index", "evaluate", "register"):
+            assert f"Running stage 'bank_{stage}@{bank}'" in out
     assert json.loads((proj / "reports/validate.json").read_text())["success"] is True
     pre = json.loads((proj / "metrics/pretrain.json").read_text())
     assert pre["steps"] == 6 and pre["sample"]["generated"] is not None and 0 <= pre["fact_accuracy"] <= 1
@@ -83,7 +88,19 @@ def test_dvc_repro_runs_every_stage(repro):
     index = json.loads((proj / "artifacts/index.json").read_text())
     assert index["slq_test_text"]["rows"] == 48
     reg = json.loads((proj / "reports/register.json").read_text())
-    assert reg["promoted"] is True and reg["version"] == 1
+    assert reg["promoted"] is True and reg["alias"] == "champion"
+    versions = {reg["version"]}
+    for bank in BANKS:  # every bank: its own version, promoted under its own alias, on the same backbone
+        breg = json.loads((proj / f"reports/banks/{bank}/register.json").read_text())
+        assert breg["promoted"] is True and breg["alias"] == f"bank-{bank}", breg
+        assert breg["checkpoint_hash"] != reg["checkpoint_hash"]
+        versions.add(breg["version"])
+        beval = json.loads((proj / f"metrics/banks/{bank}/eval.json").read_text())
+        assert beval["checkpoint_hash"] == breg["checkpoint_hash"]
+        bman = json.loads((proj / f"checkpoints/banks/{bank}/slq.json").read_text())
+        dman = json.loads((proj / "checkpoints/slq/slq.json").read_text())
+        assert bman["backbone"] == dman["backbone"]  # the same backbone, fingerprint and all
+    assert len(versions) == 1 + len(BANKS)
     assert set(metrics["benchmarks"]) == {"world", "world_composed", "world_knowledge"}
     assert metrics["benchmarks"]["world"]["t2i_R@1"] == metrics["t2i_R@1"]  # two paths, one number
     assert metrics["modality_gap"]["trained"] > 0
@@ -215,6 +232,7 @@ def test_second_repro_does_nothing_and_param_change_reruns_from_train(repro):
     proj, _ = repro
     again = dvc("repro", cwd=proj).stdout
     assert "Running stage" not in again
+    first = json.loads((proj / "reports/register.json").read_text())["version"]
     params = yaml.safe_load((proj / "params.yaml").read_text())
     params["train"]["lr"] = params["train"]["builtin"]["lr"] / 2  # SLQ's own lr, set over the built-in backbone's
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -225,7 +243,7 @@ def test_second_repro_does_nothing_and_param_change_reruns_from_train(repro):
         assert f"Running stage '{stage}'" in out
     assert "Running stage 'methods'" not in out  # SLQ's learning rate is not the baselines' budget
     reg = json.loads((proj / "reports/register.json").read_text())
-    assert reg["version"] == 2  # a new registered version; promoted only if it beat the champion
+    assert reg["version"] > first  # a new registered version; promoted only if it beat the champion
     assert isinstance(reg["promoted"], bool) and reg["reason"]
     # retuning a baseline marks the methods stage (and the table) as changed, not SLQ's stages
     params["methods"]["lr"]["full"] = params["methods"]["lr"]["full"] * 2
@@ -311,7 +329,10 @@ def test_prefect_flow_runs_the_same_stages(tmp_path, prefect_harness):
     assert list(results) == ["validate", "pretrain", "train", "embed", "index", "evaluate", "methods", "compare",
                              "register"]
     assert not any(r.get("skipped") for r in results.values())
-    assert (proj / "metrics/eval.json").exists() and results["register"]["version"] == 1
+    assert (proj / "metrics/eval.json").exists() and results["register"]["promoted"] is True
+    for bank in BANKS:  # the bank set, as dvc.yaml's foreach stages run it
+        assert results[f"bank_register@{bank}"]["alias"] == f"bank-{bank}"
+        assert results[f"bank_register@{bank}"]["promoted"] is True
     assert set(results["methods"]) == {"zero_shot", "lora", "full"}
     assert "up to date" in dvc("status", cwd=proj).stdout  # every stage recorded as dvc repro would
     assert "didn't change, skipping" in dvc("repro", "register", cwd=proj).stdout
