@@ -327,7 +327,8 @@ def test_prefect_flow_runs_the_same_stages(tmp_path, prefect_harness):
     sh(sys.executable, "cli.py", "data", "generate", cwd=proj)
     results = slq_pipeline(params=str(proj / "params.yaml"))
     assert list(results) == ["validate", "pretrain", "train", "embed", "index", "evaluate", "methods", "compare",
-                             "register"]
+                             "register"] + [f"bank_{stage}@{bank}" for bank in BANKS
+                                            for stage in ("train", "embed", "index", "evaluate", "register")]
     assert not any(r.get("skipped") for r in results.values())
     assert (proj / "metrics/eval.json").exists() and results["register"]["promoted"] is True
     for bank in BANKS:  # the bank set, as dvc.yaml's foreach stages run it
