@@ -1,7 +1,8 @@
 """The pipeline as a Prefect flow: each stage a task with retries, chained in data order.
 
     data -> validate -> pretrain -> train -> embed -> index -> evaluate -> methods -> compare -> register
-         then, for each query bank of the bank set (dvc.yaml's `banks`): train -> embed -> index -> evaluate -> register
+         and, before the default's register, each query bank of the bank set (dvc.yaml's bank_* stages):
+         train -> embed -> index -> evaluate -> register
 
 The tasks call the same `slq.mlops.runner.run_stage` as dvc.yaml and the CLI, and in a DVC project
 they mean what `dvc repro` means: a stage whose deps, params and outs match dvc.lock is skipped,
@@ -18,6 +19,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+import contextlib
 from pathlib import Path
 
 from slq.mlops.runner import STAGES, prepare, run_or_skip, run_stage
@@ -58,17 +60,42 @@ STAGE_TASKS = {name: _stage_task(name) for name in STAGES}
 
 
 def bank_set(root: str | Path) -> list[str]:
-    """The query banks dvc.yaml's bank_* stages train (its `vars: - banks: [...]`); each bank's params
-    overlay is params/banks/<bank>.yaml. None in a project without them."""
+    """The query banks dvc.yaml's bank_* stages train (their `foreach` list, the same in each); each
+    bank's params overlay is params/banks/<bank>.yaml. None in a project without them."""
     import yaml
 
     dvc_yaml = Path(root) / "dvc.yaml"
     if not dvc_yaml.is_file():
         return []
-    for v in yaml.safe_load(dvc_yaml.read_text()).get("vars") or []:
-        if isinstance(v, dict) and "banks" in v:
-            return [str(b) for b in v["banks"]]
-    return []
+    stages = yaml.safe_load(dvc_yaml.read_text()).get("stages") or {}
+    lists = {f"bank_{s}": stages[f"bank_{s}"].get("foreach") for s in BANK_STAGES if f"bank_{s}" in stages}
+    if not lists:
+        return []
+    first = next(iter(lists.values()))
+    if len(lists) != len(BANK_STAGES) or any(v != first for v in lists.values()) or not isinstance(first, list):
+        raise ValueError(f"{dvc_yaml}: the bank_* stages ({', '.join(f'bank_{s}' for s in BANK_STAGES)}) must "
+                         f"all be there with the same foreach list of bank names; found {lists}")
+    return [str(b) for b in first]
+
+
+@contextlib.contextmanager
+def _parent_kept_open(cfg):
+    """A bank's register stage closes the pipeline's MLflow run, as every register stage does (under
+    `dvc repro` it is the last stage); in the flow the default's register comes last, so the run is
+    reopened after a bank's: one run holds the whole flow's stages."""
+    import os
+
+    from slq.mlops.tracking import PARENT_ENV
+
+    parent = os.environ.get(PARENT_ENV)
+    try:
+        yield
+    finally:
+        if parent and os.environ.get(PARENT_ENV) != parent:
+            from slq.mlops.tracking import mlflow_client
+
+            mlflow_client(cfg).update_run(parent, status="RUNNING")
+            os.environ[PARENT_ENV] = parent
 
 
 @task(name="bank-stage", retries=1, retry_delay_seconds=5)
@@ -84,7 +111,8 @@ def bank_stage_task(stage: str, bank: str, params: str, root: str, dvc: bool = F
     if dvc and lineage.up_to_date(cfg, target):
         log.info(f"stage {target}: unchanged (deps, params and outs match dvc.lock), skipped")
         return {"skipped": True}
-    result = run_stage(stage, cfg)
+    with _parent_kept_open(cfg) if stage == "register" else contextlib.nullcontext():
+        result = run_stage(stage, cfg)
     if dvc:
         lineage.record(cfg, target)
     return result
@@ -124,13 +152,15 @@ def slq_pipeline(params: str = "params.yaml", overrides: dict | list[str] | None
     """
     cfg, dvc = prepare(params, parse_overrides(overrides), log=_log)
     results = {}
-    for name in STAGES:
-        results[name] = STAGE_TASKS[name](cfg, dvc=dvc)
     root = Path(cfg.root).resolve()
-    for bank in bank_set(root):
-        overlay = root / "params" / "banks" / f"{bank}.yaml"
-        for stage in BANK_STAGES:
-            results[f"bank_{stage}@{bank}"] = bank_stage_task(stage, bank, str(overlay), str(root), dvc=dvc)
+    banks = bank_set(root)
+    for name in STAGES:
+        if name == "register":  # last: it closes the pipeline's MLflow run
+            for bank in banks:
+                overlay = root / "params" / "banks" / f"{bank}.yaml"
+                for stage in BANK_STAGES:
+                    results[f"bank_{stage}@{bank}"] = bank_stage_task(stage, bank, str(overlay), str(root), dvc=dvc)
+        results[name] = STAGE_TASKS[name](cfg, dvc=dvc)
     publish(results)
     return results
 

@@ -92,9 +92,8 @@ def test_a_foreach_stage_is_checked_and_fixed_in_its_template(project):
     assert len(deps) < len(spec["do"]["deps"])
     text = (REPO / "dvc.yaml").read_text()  # the stage as dvc.yaml writes it (--fix edits the text)
     block = text[text.index("\n  bank_train:"):text.index("\n  bank_embed:")]
-    vars_ = text[text.index("vars:"):text.index("\nstages:")]
     path = project / "dvc.yaml"
-    path.write_text(vars_ + "\nstages:" + block.replace("        - slq/loss.py\n", "") + "\n")
+    path.write_text("stages:" + block.replace("        - slq/loss.py\n", "") + "\n")
     assert yaml.safe_load(path.read_text())["stages"]["bank_train"]["do"]["deps"] == deps
     res = check(path)
     assert res.returncode == 1 and "dvc.yaml:bank_train: module slq.loss " in res.stdout, res.stdout

@@ -16,7 +16,7 @@ import yaml
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-BANKS = yaml.safe_load((REPO / "dvc.yaml").read_text())["vars"][0]["banks"]  # the bank set
+BANKS = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["bank_train"]["foreach"]  # the bank set
 SMALL = {
     "data": {"n_train": 48, "n_val": 8, "n_test": 24, "image_size": 64},
     "train": {"steps": 6, "batch_size": 8, "save_every": 3, "warmup_steps": 2, "num_queries": 4},
@@ -326,9 +326,9 @@ def test_prefect_flow_runs_the_same_stages(tmp_path, prefect_harness):
     dvc("init", "--no-scm", "-q", cwd=proj)
     sh(sys.executable, "cli.py", "data", "generate", cwd=proj)
     results = slq_pipeline(params=str(proj / "params.yaml"))
-    assert list(results) == ["validate", "pretrain", "train", "embed", "index", "evaluate", "methods", "compare",
-                             "register"] + [f"bank_{stage}@{bank}" for bank in BANKS
-                                            for stage in ("train", "embed", "index", "evaluate", "register")]
+    assert list(results) == ["validate", "pretrain", "train", "embed", "index", "evaluate", "methods", "compare"] + [
+        f"bank_{stage}@{bank}" for bank in BANKS for stage in ("train", "embed", "index", "evaluate", "register")] + [
+        "register"]  # the default's register last: it closes the pipeline's MLflow run
     assert not any(r.get("skipped") for r in results.values())
     assert (proj / "metrics/eval.json").exists() and results["register"]["promoted"] is True
     for bank in BANKS:  # the bank set, as dvc.yaml's foreach stages run it
@@ -346,7 +346,8 @@ def test_prefect_flow_runs_the_same_stages(tmp_path, prefect_harness):
     parents = client.search_runs([exp.experiment_id], "tags.`slq.role` = 'pipeline'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the skipped rerun logged nothing
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
-    assert sorted(r.info.run_name for r in children) == sorted(results)  # one nested run per stage
+    # one nested run per stage (a bank's stage runs are named as the stage, the bank in the params)
+    assert sorted(r.info.run_name for r in children) == sorted(n.split("@")[0].removeprefix("bank_") for n in results)
     methods_run = next(r for r in children if r.info.run_name == "methods")
     method_runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{methods_run.info.run_id}'")
     assert sorted(r.data.tags["method"] for r in method_runs) == ["full", "lora", "zero_shot"]
@@ -367,6 +368,20 @@ def test_prefect_flow_runs_the_same_stages(tmp_path, prefect_harness):
     arts = asyncio.run(read_artifact())
     assert arts and "t2i_R@1" in str(arts[0].data)
     assert "world_knowledge.t2i_R@1" in str(asyncio.run(read_artifact("slq-methods"))[0].data)
+
+
+def test_the_bank_set_is_one_list(tmp_path):
+    """The flow reads the bank set from dvc.yaml's bank_* stages, and refuses lists that disagree."""
+    from flows.pipeline import BANK_STAGES, bank_set
+
+    assert bank_set(REPO) == BANKS and len(BANKS) >= 2
+    assert all((REPO / "params" / "banks" / f"{b}.yaml").is_file() for b in BANKS)
+    doc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    doc["stages"]["bank_index"]["foreach"] = BANKS[:1]
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match="must all be there with the same foreach list"):
+        bank_set(tmp_path)
+    assert bank_set(tmp_path / "nowhere") == [] and BANK_STAGES[-1] == "register"
 
 
 def test_scheduled_deployment_registers_with_its_cron(prefect_harness):
@@ -471,13 +486,15 @@ def test_a_teammate_pulls_the_results_from_the_s3_remote_and_reruns_nothing(repr
 
     train = yaml.safe_load((clone / "params.yaml").read_text())["train"]
     lr = train.get("lr", train["builtin"]["lr"])  # (an earlier test may have set it over the built-in backbone's)
-    dvc("exp", "run", "-n", "lr005", "-S", f"train.lr={lr * 3}", cwd=clone)
+    key = "train.lr" if "lr" in train else "+train.lr"  # `+`: a key params.yaml does not list yet
+    dvc("exp", "run", "-n", "lr005", "-S", f"{key}={lr * 3}", cwd=clone)
     shown = json.loads(dvc("exp", "show", "--json", cwd=clone).stdout)
     main = next(e for e in shown if e.get("name") == "main")
     exp = next(r for x in main["experiments"] for r in x["revs"] if r["name"] == "lr005")
     for entry in (main, exp):  # both carry their metrics (not "!")
         assert isinstance(entry["data"]["metrics"]["metrics/eval.json"]["data"]["t2i_R@1"], float), entry
     assert exp["data"]["params"]["params.yaml"]["data"]["train"]["lr"] == pytest.approx(lr * 3)
-    assert main["data"]["params"]["params.yaml"]["data"]["train"]["lr"] == pytest.approx(lr)
+    main_train = main["data"]["params"]["params.yaml"]["data"]["train"]
+    assert main_train.get("lr", main_train["builtin"]["lr"]) == pytest.approx(lr)
     diff = dvc("metrics", "diff", "main", cwd=clone).stdout  # the workspace holds the experiment's results
     assert "metrics/eval.json" in diff
