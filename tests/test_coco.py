@@ -273,7 +273,7 @@ def test_paper_profile_keys_are_the_schemas_and_dvc_resolves(tmp_path, monkeypat
     # every ${...} dvc.yaml interpolates exists in the profile
     import re
 
-    for var in set(re.findall(r"\$\{([\w.]+)\}", (REPO / "dvc.yaml").read_text())):
+    for var in set(re.findall(r"\$\{([\w.]+)\}", (REPO / "dvc.yaml").read_text())) - {"item", "key"}:  # (foreach's)
         node = profile
         for part in var.split("."):
             node = node[part]

@@ -133,13 +133,15 @@ def test_the_compare_stage_writes_the_report(tmp_path):
     scores = {b: {"t2i_R@1": 0.3, "i2t_R@1": 0.3} for b in cfg.methods.benchmarks}
     budget = {"trainable_params": 9, "steps": 3, "pooling": "queries", "prompt": "pipeline"}
     cfg.path(cfg.train.metrics).parent.mkdir(parents=True, exist_ok=True)
-    cfg.path(cfg.train.metrics).write_text(json.dumps(budget))
+    cfg.path(cfg.train.metrics).write_text(json.dumps({**budget, "checkpoint_hash": checkpoint_hash(ckpt)}))
     cfg.path(cfg.evaluate.metrics).write_text(json.dumps({"checkpoint_hash": checkpoint_hash(ckpt),
                                                           "benchmarks": scores, "t2i_R@1": 0.3}))
     cfg.path(cfg.methods.metrics).mkdir(parents=True)
-    for m in cfg.methods.compare:
+    for m in cfg.methods.compare:  # each method's record names its own checkpoint (slq.mlops.records)
+        mck = save_checkpoint(cfg.path(cfg.methods.out) / m, torch.full((2, 4), float(len(m))), None, {"method": m})
         cfg.path(cfg.methods.metrics).joinpath(f"{m}.json").write_text(json.dumps(
-            {"method": m, "budget": {**budget, "pooling": "last_token"}, "benchmarks": scores}))
+            {"method": m, "budget": {**budget, "pooling": "last_token", "checkpoint_hash": checkpoint_hash(mck)},
+             "benchmarks": scores}))
     compare.run(cfg)
     page = cfg.path(cfg.methods.html).read_text()
     _offline(page)
@@ -160,7 +162,8 @@ def test_the_validate_stage_writes_its_page_when_the_data_fails(tmp_path):
     (cfg.path(cfg.data.root) / "images/val/val-00001.png").unlink()
     with pytest.raises(validate.ValidationFailed):
         validate.run(cfg)
-    page = cfg.path(cfg.validate.report).with_suffix(".html").read_text()
+    assert not cfg.path(cfg.validate.report).with_suffix(".html").exists()  # the failure's page goes beside it
+    page = cfg.path(cfg.validate.report).with_suffix(".failed.html").read_text()
     _offline(page)
     assert "FAILED: 1 of" in page and "expect_column_values_to_be_null(image_missing)" in page
     assert "val-00001-c0" in page and "add the missing image files" in page

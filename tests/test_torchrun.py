@@ -120,8 +120,8 @@ def _check_outputs(tag_dir: Path, single_dir: Path) -> dict:
     assert metrics["steps"] == STEPS and metrics["world_size"] == 2 and metrics["checkpoint_hash"]
     assert sorted(p.name for p in (tag_dir / "metrics").iterdir()) == ["history.csv", "train.json"]  # no temp files
     assert len((tag_dir / "metrics/history.csv").read_text().splitlines()) == 1 + STEPS
-    assert sorted(p.name for p in tag_dir.iterdir()) == ["ckpt", "metrics", "work"]  # no .ckpt.old-* / tmp
-    assert list((tag_dir / "work").iterdir()) == []  # the run's resume folder was removed
+    # no .ckpt.old-* / tmp; the run's resume folder was removed, and train.work_dir with it (left empty)
+    assert sorted(p.name for p in tag_dir.iterdir()) == ["ckpt", "metrics"]
     return metrics
 
 
@@ -177,13 +177,15 @@ def test_methods_stage_still_trains_baselines_in_one_process(project):
     """The methods stage goes through the same train_method: in one process no group is made."""
     from slq.mlops.config import load_config
     from slq.mlops.baselines import train_and_score
+    from slq.mlops.evaluation import method_benchmarks
 
     cfg = load_config(project, {**_sets("methods", 2 * B), "methods.out": "methods/out",
                                 "methods.metrics": "methods/metrics", "evaluate.cache_dir": "methods/cache"})
     for method in ("zero_shot", "lora"):
         m = train_and_score(cfg, method)
         assert m["budget"]["steps"] == (0 if method == "zero_shot" else STEPS) and "world_size" not in m["budget"]
-        assert set(m["benchmarks"]) == set(cfg.methods.benchmarks)
+        assert set(m["benchmarks"]) == set(method_benchmarks(cfg))  # your own data: its own task, `data`
+        assert set(m["benchmarks"]) == {"data"}
         assert (project.parent / "methods/out" / method / "slq.json").is_file()
     assert not torch.distributed.is_initialized()
     assert not (project.parent / "methods/work").exists() or not any((project.parent / "methods/work").iterdir())
