@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from slq.mlops.config import Config
-from slq.mlops.search import TARGETS, CheckpointMismatch, Searcher, SearchError
+from slq.mlops.search import Searcher, SearchError
 
 DEFAULT_BANK = "default"
 
@@ -114,13 +114,7 @@ class BankSet:
                 bank_cfg = dataclasses.replace(cfg, index=dataclasses.replace(
                     cfg.index, uri=str(uri), out=str(uri / "index.json")))
                 searcher = Searcher(bank_cfg, h, exact=exact, source=f"bank {name!r} ({ckpt})")
-                for target in TARGETS:  # a table of another checkpoint stops the start, as for the default
-                    try:
-                        searcher.table(cfg.evaluate.split, target)
-                    except CheckpointMismatch:
-                        raise
-                    except SearchError:
-                        pass
+                searcher.check_tables(cfg.evaluate.split)  # another checkpoint's table stops the start
             self.banks[name] = Bank(name, BankView(self.multibank, name), h, searcher, f"bank {name!r} ({ckpt})")
 
     @property

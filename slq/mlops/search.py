@@ -119,6 +119,17 @@ class Searcher:
         self._open: dict[str, tuple] = {}
         self._lock = threading.Lock()
 
+    def check_tables(self, split: str) -> None:
+        """Open `split`'s tables that exist: one written by another checkpoint raises CheckpointMismatch
+        (a service stops at its start); a table not built yet is no error here."""
+        for target in TARGETS:
+            try:
+                self.table(split, target)
+            except CheckpointMismatch:
+                raise
+            except SearchError:
+                pass
+
     def table(self, split: str, target: str) -> tuple[str, object, dict | None, str]:
         """(name, table, ANN settings or None, why exact) for (split, target), opened and checked once."""
         if target not in TARGETS:

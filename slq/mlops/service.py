@@ -253,13 +253,7 @@ class SearchService:
         self.searcher = Searcher(cfg, checkpoint_hash, exact=exact, source=source or "the loaded checkpoint")
         self.image_root = cfg.path(cfg.index.image_root or cfg.data.root)
         self._encode_lock = threading.Lock()
-        for target in TARGETS:  # the default split's tables: a checkpoint mismatch stops the start
-            try:
-                self.searcher.table(cfg.evaluate.split, target)
-            except CheckpointMismatch:
-                raise
-            except SearchError:
-                pass
+        self.searcher.check_tables(cfg.evaluate.split)  # a table of another checkpoint stops the start
         self.banks = BankSet(cfg, encoder, checkpoint_hash, self.searcher, banks, bank_indexes, exact=exact,
                              source=source)
 
@@ -274,6 +268,17 @@ class SearchService:
             raise RequestError(f"bank {bank.name!r} has no index to search (it embeds only): start the service "
                                f"with --bank-index {bank.name}=DIR, a LanceDB index built with its checkpoint", 404)
         return bank
+
+    @staticmethod
+    def open_table(bank, split: str, target: str) -> None:
+        """The bank's table for (split, target), checked before anything is embedded: RequestError 409
+        when another checkpoint wrote it, 404 when there is none."""
+        try:
+            bank.searcher.table(split, target)
+        except CheckpointMismatch as e:
+            raise RequestError(str(e), 409) from None
+        except SearchError as e:
+            raise RequestError(str(e), 404) from None
 
     def search(self, req: SearchRequest) -> dict:
         """Check the request (every cheap check before anything is decoded or embedded), embed its
@@ -301,12 +306,7 @@ class SearchService:
         target = req.target or ("text" if kind == "image" else "image")
         split = req.split or self.cfg.evaluate.split
         bank = self.bank(req.bank)
-        try:
-            bank.searcher.table(split, target)  # an unknown split fails before anything is embedded
-        except CheckpointMismatch as e:
-            raise RequestError(str(e), 409) from None
-        except SearchError as e:
-            raise RequestError(str(e), 404) from None
+        self.open_table(bank, split, target)  # an unknown split fails before anything is embedded
         image = load_image(req, self.image_root, ic.max_image_bytes) if has_image else None
         enc = bank.encoder
         with self._encode_lock:
@@ -328,12 +328,7 @@ class SearchService:
             raise RequestError(why)
         bank = self.bank(req.bank)
         split = req.split or self.cfg.evaluate.split
-        try:
-            bank.searcher.table(split, "text")
-        except CheckpointMismatch as e:
-            raise RequestError(str(e), 409) from None
-        except SearchError as e:
-            raise RequestError(str(e), 404) from None
+        self.open_table(bank, split, "text")
         with self._encode_lock:
             vec = bank.encoder.encode_text([req.question], progress=False)[0]
         hits = bank.searcher.search(vec, split, "text", req.k)["hits"]
