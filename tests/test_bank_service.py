@@ -15,9 +15,8 @@ import urllib.request
 
 import numpy as np
 import pytest
-import yaml
 from test_openai_embeddings import data_uri, image_message
-from test_search_service import embed_split, ranked_ids, scene
+from test_search_service import embed_split, ranked_ids, scene, tiny_project
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("fastapi")
@@ -39,14 +38,7 @@ def project(tmp_path_factory):
     from slq.mlops.stages import index
 
     root = tmp_path_factory.mktemp("bankproj")
-    backbone = build_tiny_backbone("qwen2_vl", root / "models" / "tiny")
-    params = {"backbone": {"path": "models/tiny", "builtin": False, "dtype": "float32", "device": "cpu"},
-              "data": {"root": "data"}, "register": {"model_name": MODEL},
-              "index": {"max_text_chars": MAX_TEXT, "max_k": MAX_K, "max_image_bytes": MAX_IMAGE}}
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    cfg = load_config(root / "params.yaml")
-    enc = SLQEncoder.from_pretrained(backbone, num_queries=4, seed=0)
-    ckpt = enc.save(cfg.path(cfg.train.out), metrics={})
+    cfg, enc, backbone, ckpt = tiny_project(root, MAX_TEXT, MAX_K, MAX_IMAGE, MODEL)
     embed_split(enc, root, cfg, checkpoint_hash(ckpt))
     index.run(cfg)
     ckpts = {"b": SLQEncoder.from_pretrained(backbone, num_queries=3, seed=1).save(root / "checkpoints" / "b", metrics={}),

@@ -9,9 +9,8 @@ import base64
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
-from test_search_service import png_b64, scene
+from test_search_service import png_b64, scene, tiny_project
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("fastapi")
@@ -34,19 +33,8 @@ def image_message(url: str, text: str | None = None) -> dict:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    from slq.encoder import SLQEncoder
-    from slq.miniature.tiny import build_tiny_backbone
-    from slq.mlops.config import load_config
-
     root = tmp_path_factory.mktemp("openaiproj")
-    backbone = build_tiny_backbone("qwen2_vl", root / "models" / "tiny")
-    params = {"backbone": {"path": "models/tiny", "builtin": False, "dtype": "float32", "device": "cpu"},
-              "data": {"root": "data"}, "register": {"model_name": MODEL},
-              "index": {"max_text_chars": MAX_TEXT, "max_k": MAX_K, "max_image_bytes": MAX_IMAGE}}
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    cfg = load_config(root / "params.yaml")
-    enc = SLQEncoder.from_pretrained(backbone, num_queries=4, seed=0)
-    enc.save(cfg.path(cfg.train.out), metrics={})
+    cfg, enc, _, _ = tiny_project(root, MAX_TEXT, MAX_K, MAX_IMAGE, MODEL)
     (root / "data" / "images").mkdir(parents=True)
     scene("green", "square").save(root / "data" / "images" / "g.png")
     cfg.path(cfg.index.uri).mkdir(parents=True)  # an empty index: /search has no tables, embeddings need none

@@ -41,6 +41,27 @@ def png_b64(im: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def tiny_project(root, max_text: int, max_k: int, max_image: int, model: str | None = None):
+    """A project folder for the service tests: a tiny Qwen2-VL backbone (your own), params.yaml with
+    the request limits (and register.model_name), an untrained 4-query checkpoint at train.out.
+    Returns (cfg, encoder, backbone folder, checkpoint folder)."""
+    from slq.encoder import SLQEncoder
+    from slq.miniature.tiny import build_tiny_backbone
+    from slq.mlops.config import load_config
+
+    backbone = build_tiny_backbone("qwen2_vl", root / "models" / "tiny")
+    params = {"backbone": {"path": "models/tiny", "builtin": False, "dtype": "float32", "device": "cpu"},
+              "data": {"root": "data"},
+              "index": {"max_text_chars": max_text, "max_k": max_k, "max_image_bytes": max_image}}
+    if model is not None:
+        params["register"] = {"model_name": model}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    cfg = load_config(root / "params.yaml")
+    enc = SLQEncoder.from_pretrained(backbone, num_queries=4, seed=0)
+    ckpt = enc.save(cfg.path(cfg.train.out), metrics={})
+    return cfg, enc, backbone, ckpt
+
+
 def embed_split(enc, root, cfg, ckpt_hash: str) -> None:
     """The embed stage's files for the test split, made with `enc` (as the embed stage would)."""
     from slq.io import write_json_atomic
@@ -69,21 +90,13 @@ def embed_split(enc, root, cfg, ckpt_hash: str) -> None:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    from slq.miniature.tiny import build_tiny_backbone
     from slq.checkpoint import checkpoint_hash
-    from slq.mlops.config import load_config
     from slq.encoder import SLQEncoder
+    from slq.mlops.config import load_config
     from slq.mlops.stages import index
 
     root = tmp_path_factory.mktemp("searchproj")
-    backbone = build_tiny_backbone("qwen2_vl", root / "models" / "tiny")
-    params = {"backbone": {"path": "models/tiny", "builtin": False, "dtype": "float32", "device": "cpu"},
-              "data": {"root": "data"},
-              "index": {"max_text_chars": MAX_TEXT, "max_k": MAX_K, "max_image_bytes": MAX_IMAGE}}
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    cfg = load_config(root / "params.yaml")
-    enc = SLQEncoder.from_pretrained(backbone, num_queries=4, seed=0)
-    ckpt = enc.save(cfg.path(cfg.train.out), metrics={})
+    cfg, enc, backbone, ckpt = tiny_project(root, MAX_TEXT, MAX_K, MAX_IMAGE)
     embed_split(enc, root, cfg, checkpoint_hash(ckpt))
     index.run(cfg)
     ann = load_config(root / "params.yaml", {"index.uri": "artifacts/lancedb_ann", "index.out": "artifacts/ann.json",

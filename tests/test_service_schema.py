@@ -15,7 +15,6 @@ import time
 import urllib.request
 
 import pytest
-import yaml
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("fastapi")
@@ -28,23 +27,13 @@ MODEL = "slq-retriever"
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    from test_search_service import embed_split
+    from test_search_service import embed_split, tiny_project
 
     from slq.checkpoint import checkpoint_hash
-    from slq.encoder import SLQEncoder
-    from slq.miniature.tiny import build_tiny_backbone
-    from slq.mlops.config import load_config
     from slq.mlops.stages import index
 
     root = tmp_path_factory.mktemp("schemaproj")
-    backbone = build_tiny_backbone("qwen2_vl", root / "models" / "tiny")
-    params = {"backbone": {"path": "models/tiny", "builtin": False, "dtype": "float32", "device": "cpu"},
-              "data": {"root": "data"}, "register": {"model_name": MODEL},
-              "index": {"max_text_chars": MAX_TEXT, "max_k": MAX_K, "max_image_bytes": MAX_IMAGE}}
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    cfg = load_config(root / "params.yaml")
-    enc = SLQEncoder.from_pretrained(backbone, num_queries=4, seed=0)
-    ckpt = enc.save(cfg.path(cfg.train.out), metrics={})
+    cfg, enc, _, ckpt = tiny_project(root, MAX_TEXT, MAX_K, MAX_IMAGE, MODEL)
     embed_split(enc, root, cfg, checkpoint_hash(ckpt))
     index.run(cfg)
     return {"root": root, "cfg": cfg, "enc": enc}
