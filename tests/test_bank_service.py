@@ -196,14 +196,26 @@ def test_answer_retrieves_with_the_bank_then_generates(server, project):
 
 
 def test_the_greedy_answer_is_the_models_own_generation(server, project):
-    """The endpoint's answer is what the backbone's own generate gives on the same prompt."""
-    from slq.mlops.answer import Answerer
+    """The endpoint's answer is what transformers' own greedy generate gives, on another loaded copy of
+    the backbone, for the prompt written out here by hand (not through slq.mlops.answer)."""
+    import torch
 
     status, out = post(server, "/answer", {"question": "what is blue?", "k": 2, "max_new_tokens": 6})
     assert status == 200
+    caps = [h["caption"] for h in out["hits"]]
+    user = ("Answer the question using the context. Be brief.\n\nContext:\n"
+            f"[1] {caps[0]}\n[2] {caps[1]}\n\nQuestion: what is blue?")
     bb = project["single"]["default"].backbone  # another loaded copy: the reference
-    ref = Answerer(bb).generate("what is blue?", [h["caption"] for h in out["hits"]], 6)
-    assert ref["answer"] == out["answer"] and ref["completion_tokens"] == out["usage"]["completion_tokens"]
+    text = bb.processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": user}]}],
+                                            tokenize=False, add_generation_prompt=True)
+    ids = bb.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        gen = bb.model.generate(**ids, max_new_tokens=6, do_sample=False,
+                                pad_token_id=bb.tokenizer.pad_token_id or bb.tokenizer.eos_token_id)
+    new = gen[0, ids["input_ids"].shape[1]:]
+    assert bb.tokenizer.decode(new, skip_special_tokens=True).strip() == out["answer"]
+    assert int(new.shape[0]) == out["usage"]["completion_tokens"]
+    assert int(ids["input_ids"].shape[1]) == out["usage"]["prompt_tokens"]
 
 
 def test_a_bank_of_another_backbone_is_refused_by_name(project):
