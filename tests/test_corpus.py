@@ -5,7 +5,10 @@ the manifest (and its images) on S3 served by moto, the encoder on a tiny backbo
   committed embedded again;
 - the Ray path's vectors equal `SLQEncoder`'s in one process (other batches, other order);
 - the in-process engine writes the same vectors; a rerun of a finished corpus does nothing;
-- a table of another checkpoint is refused; bad rows and bad images are named by id.
+- a table of another checkpoint is refused; bad rows and bad images are named by id;
+- query banks (`--bank`): every bank's table from one pass over the corpus, each vector equal to
+  that bank's own encoder; a Ray run killed between the banks' commits resumes each table where it
+  stopped; a bank added later is embedded with that bank alone.
 
 Ray starts once for the module; the killed run is a second driver joining it with --address.
 """
@@ -100,7 +103,17 @@ def world(tmp_path_factory, s3):
     params = root / "params.yaml"
     params.write_text("backbone: {dtype: float32, device: cpu}\n")
 
+    bank_b = SLQEncoder.from_pretrained(backbone, num_queries=6, seed=1).save(root / "ckpt_b")  # same backbone
     ref = SLQEncoder.from_pretrained(queries=ckpt)  # the checkpoint as every consumer loads it
+    return {"root": root, "ckpt": ckpt, "rows": rows, "manifest": manifest, "params": params,
+            "s3_manifest": f"s3://{BUCKET}/data/manifest.jsonl", "expected": _expected(ref, rows, root),
+            "hash": checkpoint_hash(ckpt), "fingerprint": ref.backbone.fingerprint, "ckpt_b": bank_b,
+            "expected_b": _expected(SLQEncoder.from_pretrained(queries=bank_b), rows, root),
+            "hash_b": checkpoint_hash(bank_b)}
+
+
+def _expected(ref, rows, root) -> dict:
+    """Each item's vector from a single-bank encoder in one process."""
     texts = [r for r in rows if "text" in r and "image" not in r]
     images = [r for r in rows if "image" in r and "text" not in r]
     pairs = [r for r in rows if "image" in r and "text" in r]
@@ -109,10 +122,7 @@ def world(tmp_path_factory, s3):
                         (images, ref.encode_image([root / r["image"] for r in images], progress=False)),
                         (pairs, ref.encode_multimodal([(root / r["image"], r["text"]) for r in pairs], progress=False))):
         expected.update({r["id"]: v for r, v in zip(group, vecs)})
-    return {"root": root, "ckpt": ckpt, "rows": rows, "manifest": manifest, "params": params,
-            "s3_manifest": f"s3://{BUCKET}/data/manifest.jsonl", "expected": expected,
-            "hash": checkpoint_hash(ckpt),
-            "fingerprint": ref.backbone.fingerprint}
+    return expected
 
 
 def _options():
@@ -281,3 +291,151 @@ def test_storage_options_come_from_params_and_environment():
                                         "aws_secret_access_key": "secret"}
     assert storage_options("https://s3.example", "eu-west-1", env={}) == {"aws_region": "eu-west-1",
                                                                           "aws_endpoint": "https://s3.example"}
+
+
+# ---- query banks: one pass over the corpus, a table per bank --------------------------------------
+
+@pytest.fixture(scope="module")
+def banks_killed_then_resumed(world, s3, ray_address):
+    """`--bank a=... --bank b=...` on Ray and S3 in a second driver, SIGKILLed right after its first
+    commit (bank a's first chunk; bank b's table still empty); then the same run in this process."""
+    from slq.mlops.corpus.embed import KILL_AFTER_COMMITS_ENV, EmbedJob, embed_corpus
+
+    db = f"s3://{BUCKET}/banks_db"
+    banks = {"a": str(world["ckpt"]), "b": str(world["ckpt_b"])}
+    env = {**os.environ, **s3["env"], KILL_AFTER_COMMITS_ENV: "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
+           "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "cli", "corpus", "embed", world["s3_manifest"], "--uri", db, "--table", "items",
+           "--address", ray_address, "--actors", "1", "--batch-size", "4", "--commit-rows", "8", "--no-progress",
+           "-p", str(world["params"])]
+    for name, ckpt in banks.items():
+        cmd += ["--bank", f"{name}={ckpt}"]
+    proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
+    after_kill = {b: _table(db, f"items_{b}", _options()).to_table(columns=["id"]).column("id").to_pylist()
+                  for b in banks}
+    job = EmbedJob(manifest=world["s3_manifest"], checkpoint=None, banks=banks, db_uri=db, table="items", actors=2,
+                   batch_size=4, commit_rows=8, storage_options=_options(), progress=False)
+    return {"db": db, "after_kill": after_kill, "summary": embed_corpus(job)}
+
+
+def test_banks_ray_run_killed_between_banks_resumes_each_table(world, banks_killed_then_resumed):
+    r = banks_killed_then_resumed
+    n = len(world["rows"])
+    k = len(r["after_kill"]["a"])
+    assert 0 < k <= 8 and r["after_kill"]["b"] == []  # killed after bank a's first commit, before bank b's
+    s = r["summary"]
+    assert s["manifest_items"] == n and s["already_committed"] == 0 and s["failed"] == 0
+    assert s["embedded"] == n  # every item was missing from some table
+    a, b = s["banks"]["a"], s["banks"]["b"]
+    assert (a["already_committed"], a["embedded"], a["rows"]) == (k, n - k, n)  # a's committed rows not redone
+    assert (b["already_committed"], b["embedded"], b["rows"]) == (0, n, n)
+    assert (a["checkpoint_hash"], b["checkpoint_hash"]) == (world["hash"], world["hash_b"])
+    all_ids = sorted(row["id"] for row in world["rows"])
+    for bank, expected, h in (("a", world["expected"], world["hash"]), ("b", world["expected_b"], world["hash_b"])):
+        tbl = _table(r["db"], f"items_{bank}", _options())
+        assert sorted(tbl.to_table(columns=["id"]).column("id").to_pylist()) == all_ids  # each id once per table
+        got = _vectors(tbl)
+        for i, v in expected.items():  # each bank's vector is that bank's own single-bank encode
+            np.testing.assert_allclose(got[i], v, atol=ATOL, err_msg=f"bank {bank}, {i}")
+        assert set(tbl.to_table(columns=["checkpoint_hash"]).column("checkpoint_hash").to_pylist()) == {h}
+    assert not np.allclose(world["expected"]["img-3"], world["expected_b"]["img-3"])  # two banks, two spaces
+
+
+def test_banks_local_engine_one_pass_per_item_and_a_bank_added_later(world, tmp_path, monkeypatch):
+    """The in-process engine with two banks: the backbone sees each item once, every forward carries
+    both banks' queries; a third bank added to the run later is computed alone, for its table only."""
+    import slq.banks
+    from slq.mlops.corpus.embed import EmbedJob, embed_corpus
+
+    calls = []
+    real = slq.banks.forward_banks_split
+
+    def spy(adapter, inputs, queries, **kw):
+        calls.append((int(inputs["input_ids"].shape[0]), len(queries)))
+        return real(adapter, inputs, queries, **kw)
+
+    monkeypatch.setattr(slq.banks, "forward_banks_split", spy)
+    db = str(tmp_path / "db")
+    banks = {"a": str(world["ckpt"]), "b": str(world["ckpt_b"])}
+
+    def job(banks):
+        return EmbedJob(str(world["manifest"]), None, db, engine="local", banks=banks, batch_size=5, commit_rows=12,
+                        progress=False)
+
+    n = len(world["rows"])
+    s = embed_corpus(job(banks))
+    assert sum(b for b, _ in calls) == n and {q for _, q in calls} == {2}  # one pass per item, both banks in it
+    assert (s["embedded"], s["banks"]["a"]["rows"], s["banks"]["b"]["rows"]) == (n, n, n)
+    assert s["commits"] == 2 * 3  # 3 chunks of at most 12, one commit per bank and chunk
+    for bank, expected in (("a", world["expected"]), ("b", world["expected_b"])):
+        got = _vectors(_table(db, f"corpus_{bank}"))
+        for i, v in expected.items():
+            np.testing.assert_allclose(got[i], v, atol=ATOL, err_msg=f"bank {bank}, {i}")
+
+    calls.clear()
+    versions = {b: _table(db, f"corpus_{b}").version for b in banks}
+    s2 = embed_corpus(job({**banks, "c": str(world["ckpt_b"])}))  # bank c: b's queries under another name
+    assert sum(b for b, _ in calls) == n and {q for _, q in calls} == {1}  # only the missing bank ran
+    assert {b: _table(db, f"corpus_{b}").version for b in banks} == versions  # a's and b's tables untouched
+    assert (s2["banks"]["c"]["embedded"], s2["banks"]["a"]["embedded"], s2["banks"]["a"]["already_committed"]) == \
+        (n, 0, n)
+    got = _vectors(_table(db, "corpus_c"))
+    for i, v in world["expected_b"].items():
+        np.testing.assert_allclose(got[i], v, atol=ATOL, err_msg=f"bank c, {i}")
+
+
+def test_banks_refused_by_name(world, tmp_path):
+    """A bank on another backbone, a bad bank name, a checkpoint and banks together: one line each."""
+    from typer.testing import CliRunner
+
+    import cli
+    from slq.encoder import SLQEncoder
+    from slq.miniature.tiny import build_tiny_backbone
+    from slq.mlops.corpus import CorpusError
+    from slq.mlops.corpus.embed import EmbedJob, embed_corpus
+
+    other = build_tiny_backbone("qwen2_5_vl", tmp_path / "other_backbone")
+    foreign = SLQEncoder.from_pretrained(other, num_queries=4, seed=0).save(tmp_path / "foreign")
+    db = str(tmp_path / "db")
+    with pytest.raises(CorpusError, match=r"bank 'x' \(.*foreign\) was trained on backbone .* banks embedded in "
+                                          r"one pass share one backbone"):
+        embed_corpus(EmbedJob(str(world["manifest"]), None, db, engine="local", progress=False,
+                              banks={"a": str(world["ckpt"]), "x": str(foreign)}))
+    assert not (tmp_path / "db").exists()  # refused before any table is created
+    with pytest.raises(CorpusError, match=r"bank name '/bad'"):
+        embed_corpus(EmbedJob(str(world["manifest"]), None, db, engine="local", banks={"/bad": str(world["ckpt"])}))
+    with pytest.raises(CorpusError, match=r"bank 'gone': checkpoint folder not found"):
+        embed_corpus(EmbedJob(str(world["manifest"]), None, db, engine="local", banks={"gone": str(tmp_path / "no")}))
+
+    runner = CliRunner()
+    base = ["corpus", "embed", str(world["manifest"]), "--uri", db, "--no-ray", "-p", str(world["params"])]
+    res = runner.invoke(cli.app, base + ["--checkpoint", str(world["ckpt"]), "--bank", f"a={world['ckpt']}"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.stderr.strip().startswith("error: give --checkpoint or --bank, not both")
+    res = runner.invoke(cli.app, base + ["--bank", "a"])
+    assert res.exit_code == 1 and res.stderr.strip() == "error: --bank 'a': expected NAME=PATH"
+
+
+def test_banks_cli_embed_and_status(world, tmp_path):
+    from typer.testing import CliRunner
+
+    import cli
+
+    runner = CliRunner()
+    db = str(tmp_path / "db")
+    res = runner.invoke(cli.app, ["corpus", "embed", str(world["manifest"]), "--uri", db, "--no-ray", "--json",
+                                  "--bank", f"a={world['ckpt']}", "--bank", f"b={world['ckpt_b']}",
+                                  "-p", str(world["params"])])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["table"] == db and set(summary["banks"]) == {"a", "b"}
+    res = runner.invoke(cli.app, ["corpus", "status", "--uri", db, "--bank", "a", "--bank", "b", "--json",
+                                  "-p", str(world["params"])])
+    assert res.exit_code == 0, res.output
+    status = json.loads(res.stdout)
+    n = len(world["rows"])
+    assert {b: (v["rows"], v["checkpoint_hash"]) for b, v in status.items()} == \
+        {"a": (n, world["hash"]), "b": (n, world["hash_b"])}
+    res = runner.invoke(cli.app, ["corpus", "status", "--uri", db, "--bank", "a", "-p", str(world["params"])])
+    assert res.exit_code == 0 and "corpus_a.lance" in res.stdout

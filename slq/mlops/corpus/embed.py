@@ -1,7 +1,16 @@
-"""Embed a corpus manifest into a Lance/LanceDB table: on Ray Data, or in this process.
+"""Embed a corpus manifest into Lance/LanceDB tables: on Ray Data, or in this process.
 
     summary = embed_corpus(EmbedJob(manifest="corpus.jsonl", checkpoint="checkpoints/slq",
                                     db_uri="s3://bucket/lancedb", actors=4))
+    # several query banks on one backbone, every bank's vector from one pass over the corpus:
+    summary = embed_corpus(EmbedJob(manifest="corpus.jsonl", db_uri="s3://bucket/lancedb",
+                                    banks={"captions": "ckpt/a", "knowledge": "ckpt/b"}))
+
+One checkpoint writes one table (`table`). With `banks`, every bank writes its own table in the
+same LanceDB database (`<table>_<bank>`), and the model runs once per item for all of them:
+`slq.banks.MultiBankEncoder` runs the prompt once and every bank's queries in one forward, so K
+banks cost one pass over the corpus (docs/banks.md). The banks must share one backbone (content
+fingerprint), as a service carrying several banks does.
 
 Both engines run the same steps on the same code: the manifest is checked and the ids already in
 the table are dropped; the rest is sorted by kind and text length (batches of one kind and little
@@ -12,10 +21,10 @@ chunk of `commit_rows` rows as Lance fragments; the driver commits each chunk on
 CPU actors) and the fragment writes as Ray tasks, so vectors never pass through the driver; only
 fragment metadata and ids do.
 
-Resume and write-once: a chunk is in the table entirely (one commit) or not at all. After a kill,
-a rerun reads the table's ids, embeds only the others and refuses to commit an id twice, so every
-id ends up in the table exactly once and no committed item is embedded again. The unit of lost work
-is the chunks in flight at the kill.
+Resume and write-once: a chunk is in a table entirely (one commit) or not at all. After a kill,
+a rerun reads each table's ids, embeds only the items some table lacks, with the banks that lack
+them, and refuses to commit an id twice, so every id ends up in every table exactly once and no
+committed vector is computed again. The unit of lost work is the chunks in flight at the kill.
 
 A bad item (its image missing or undecodable) does not stop the run: its row is left out, the
 other rows are committed, and the run ends with an error naming every such id (at most
@@ -41,6 +50,8 @@ ENGINES = ("ray", "local")
 # as a pre-emption or OOM kill would, so the resume path can be tested on the real code.
 KILL_AFTER_COMMITS_ENV = "SLQ_CORPUS_KILL_AFTER_COMMITS"
 BLOCK_BATCHES = 4  # most batches per Ray input block (one actor task): fewer tasks, yet work for every actor
+TABLE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # what LanceDB accepts as a table name
+BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as slq.banks.BANK_NAME (without importing torch)
 
 
 @dataclass
@@ -48,9 +59,9 @@ class EmbedJob:
     """Everything one run needs, as plain values (what the CLI fills from params.yaml and its options)."""
 
     manifest: str  # JSONL or Parquet: id, text and/or image; a local path or s3:// URI
-    checkpoint: str  # a query checkpoint folder (its manifest names the backbone)
+    checkpoint: str | None  # a query checkpoint folder (its manifest names the backbone); None with `banks`
     db_uri: str  # the LanceDB database: a local folder or s3://bucket/prefix
-    table: str = "corpus"
+    table: str = "corpus"  # the table; with `banks`, the prefix of each bank's table (<table>_<bank>)
     engine: str = "ray"  # ray | local (this process)
     address: str | None = None  # a Ray cluster to join; None: RAY_ADDRESS, else a local Ray instance
     actors: int = 1  # embedding actors (Ray); one per GPU on a GPU cluster
@@ -64,6 +75,7 @@ class EmbedJob:
     device: str = "auto"
     storage_options: dict = field(default_factory=dict)  # storage.storage_options(...)
     progress: bool = True
+    banks: dict[str, str] = field(default_factory=dict)  # {bank name: checkpoint}: one pass, a table per bank
 
     def check(self) -> None:
         if self.engine not in ENGINES:
@@ -77,8 +89,34 @@ class EmbedJob:
                 raise CorpusError(f"{name} must be a number >= 0 (gpus_per_actor may be null: auto), got {value!r}")
         if not self.cpus_per_actor:
             raise CorpusError("cpus_per_actor must be more than 0")
-        if not self.table or "/" in self.table:
-            raise CorpusError(f"table name {self.table!r}: give a plain name (no '/')")
+        if not self.table or not TABLE_NAME.match(self.table):
+            raise CorpusError(f"table name {self.table!r}: give a plain name (letters, digits, '_', '-', '.'; "
+                              "no '/')")
+        if self.banks and self.checkpoint:
+            raise CorpusError("give a checkpoint or banks, not both: with banks every one is named (e.g. --bank "
+                              f"default={self.checkpoint})")
+        if not self.banks and not self.checkpoint:
+            raise CorpusError("no checkpoint: give --checkpoint (or corpus.checkpoint / train.out) or --bank NAME=CKPT")
+        for name in self.banks:
+            if not isinstance(name, str) or not BANK_NAME.match(name):
+                raise CorpusError(f"bank name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a "
+                                  "letter or digit")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One bank and the table its vectors go to."""
+
+    bank: str | None  # None: the job's single checkpoint
+    checkpoint: str
+    checkpoint_hash: str
+    fingerprint: str
+    dim: int
+    table: str
+
+    @property
+    def label(self) -> str:
+        return f"bank {self.bank!r} ({self.checkpoint})" if self.bank else f"checkpoint {self.checkpoint}"
 
 
 def checkpoint_identity(checkpoint: str) -> tuple[str, str, int]:
@@ -97,27 +135,68 @@ def checkpoint_identity(checkpoint: str) -> tuple[str, str, int]:
     return checkpoint_hash(checkpoint), fingerprint, int(manifest["hidden_size"])
 
 
-class CorpusEmbedder:
-    """A batch of manifest rows (Arrow) -> rows of the corpus table, plus an `error` column (null,
-    or why that item could not be embedded). Loads the encoder once: one per Ray actor."""
+def bank_table(table: str, bank: str) -> str:
+    """The table of bank `bank` in a run whose table (prefix) is `table`."""
+    return f"{table}_{bank}"
 
-    def __init__(self, checkpoint: str, checkpoint_hash: str, backbone: str | None = None, dtype: str = "auto",
+
+def job_targets(job: EmbedJob) -> list[Target]:
+    """The job's tables: its checkpoint's, or one per bank; banks must share one backbone."""
+    if not job.banks:
+        return [Target(None, job.checkpoint, *checkpoint_identity(job.checkpoint), job.table)]
+    out = []
+    for name, ckpt in job.banks.items():
+        try:
+            identity = checkpoint_identity(ckpt)
+        except CorpusError as e:
+            raise CorpusError(f"bank {name!r}: {e}") from None
+        out.append(Target(name, ckpt, *identity, bank_table(job.table, name)))
+    first = out[0]
+    for t in out[1:]:
+        if (t.fingerprint, t.dim) != (first.fingerprint, first.dim):
+            raise CorpusError(f"{t.label} was trained on backbone {t.fingerprint} (width {t.dim}), {first.label} on "
+                              f"{first.fingerprint} (width {first.dim}): banks embedded in one pass share one backbone. "
+                              "Embed them in separate runs")
+    return out
+
+
+class CorpusEmbedder:
+    """A batch of manifest rows (Arrow, with `targets`: the tables each item still needs) -> the rows
+    plus a `vector:<table>` column per target and an `error` column (null, or why that item could not
+    be embedded). Loads the model once (one per Ray actor): the checkpoint's encoder for one
+    target, a MultiBankEncoder holding every bank for several."""
+
+    def __init__(self, targets: list[Target], backbone: str | None = None, dtype: str = "auto",
                  device: str = "auto", storage_options: dict | None = None, threads: int | None = None):
         from slq.checkpoint import checkpoint_hash as hash_of
-        from slq.methods import from_pretrained
 
         if threads:
             import torch
 
             torch.set_num_threads(threads)
-        have = hash_of(checkpoint)
-        if have != checkpoint_hash:
-            raise CorpusError(f"checkpoint {checkpoint} here has hash {have}, the run embeds with {checkpoint_hash}: "
-                              "every node must see the same checkpoint folder")
-        self.encoder = from_pretrained(backbone=backbone, queries=checkpoint, dtype=dtype, device=device)
+        for t in targets:
+            have = hash_of(t.checkpoint)
+            if have != t.checkpoint_hash:
+                raise CorpusError(f"{t.label} here has hash {have}, the run embeds with {t.checkpoint_hash}: every "
+                                  "node must see the same checkpoint folder")
+        self.targets = {t.table: t for t in targets}
+        if len(targets) == 1 and targets[0].bank is None:
+            from slq.methods import from_pretrained
+
+            self.encoder = from_pretrained(backbone=backbone, queries=targets[0].checkpoint, dtype=dtype,
+                                           device=device)
+            self.multibank = None
+        else:
+            from slq.banks import BankError, MultiBankEncoder
+
+            try:
+                self.encoder = MultiBankEncoder.from_pretrained({t.bank: t.checkpoint for t in targets},
+                                                                backbone=backbone, dtype=dtype, device=device)
+            except BankError as e:
+                raise CorpusError(str(e)) from None
+            self.multibank = self.encoder
         self.encoder.eval()
-        self.checkpoint_hash = checkpoint_hash
-        self.fingerprint = self.encoder.backbone.fingerprint
+        self.dim = self.encoder.backbone.hidden_size
         self.storage_options = storage_options or {}
 
     def _image(self, uri: str, item_id: str):
@@ -138,13 +217,20 @@ class CorpusEmbedder:
             raise CorpusError(f"item {item_id!r}: image {uri} cannot be decoded ({e}); replace the file or remove "
                               "the row") from None
 
+    def _encode(self, kind: str, items: list, tables: tuple[str, ...]) -> dict:
+        """{table: (N, D)} for `tables`, all from one pass over `items`."""
+        method = getattr(self.encoder, f"encode_{kind}")
+        if self.multibank is None:
+            return {tables[0]: method(items, batch_size=len(items), progress=False)}
+        out = method(items, banks=[self.targets[t].bank for t in tables], batch_size=len(items), progress=False)
+        return {t: out[self.targets[t].bank] for t in tables}
+
     def __call__(self, batch):
         import numpy as np
         import pyarrow as pa
 
         rows = batch.to_pylist()
-        enc = self.encoder
-        vectors = np.zeros((len(rows), enc.backbone.hidden_size), dtype=np.float32)  # (B, D)
+        vectors = {t: np.zeros((len(rows), self.dim), dtype=np.float32) for t in self.targets}  # (B, D) each
         errors: list[str | None] = [None] * len(rows)
         images = {}
         for i, r in enumerate(rows):
@@ -154,66 +240,87 @@ class CorpusEmbedder:
                 except CorpusError as e:
                     errors[i] = str(e)
         for kind in ("text", "image", "multimodal"):
-            idx = [i for i, r in enumerate(rows) if r["kind"] == kind and errors[i] is None]
-            if not idx:
-                continue
-            bs = len(idx)
-            if kind == "text":
-                vectors[idx] = enc.encode_text([rows[i]["text"] for i in idx], batch_size=bs, progress=False)
-            elif kind == "image":
-                vectors[idx] = enc.encode_image([images[i] for i in idx], batch_size=bs, progress=False)
-            else:
-                vectors[idx] = enc.encode_multimodal([(images[i], rows[i]["text"]) for i in idx], batch_size=bs,
-                                                     progress=False)
-        n, dim = vectors.shape
-        return pa.table({
-            "id": [r["id"] for r in rows],
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), pa.float32()), dim),
-            "text": pa.array([r["text"] for r in rows], pa.string()),
-            "image": pa.array([r["image"] for r in rows], pa.string()),
-            "kind": [r["kind"] for r in rows],
-            "checkpoint_hash": [self.checkpoint_hash] * n,
-            "backbone_fingerprint": [self.fingerprint] * n,
-            "error": pa.array(errors, pa.string()),
-        })
+            groups: dict[tuple[str, ...], list[int]] = {}  # the tables an item needs -> its rows: one pass each
+            for i, r in enumerate(rows):
+                if r["kind"] == kind and errors[i] is None:
+                    groups.setdefault(tuple(r["targets"]), []).append(i)
+            for tables, idx in groups.items():
+                if kind == "text":
+                    items = [rows[i]["text"] for i in idx]
+                elif kind == "image":
+                    items = [images[i] for i in idx]
+                else:
+                    items = [(images[i], rows[i]["text"]) for i in idx]
+                for t, v in self._encode(kind, items, tables).items():
+                    vectors[t][idx] = v
+        columns = {c: batch.column(c) for c in ("id", "text", "image", "kind", "targets")}
+        columns["error"] = pa.array(errors, pa.string())
+        for t, v in vectors.items():
+            columns[f"vector:{t}"] = pa.FixedSizeListArray.from_arrays(pa.array(v.ravel(), pa.float32()), self.dim)
+        return pa.table(columns)
 
 
-def write_chunk(batch, uri: str, schema, storage_options: dict | None = None):
-    """Embedded rows -> one row: the fragments written for the good rows (JSON), their ids, and the
-    errors of the others. Runs as a Ray task (or in-process); commits nothing."""
+def write_chunk(batch, tables: list[tuple[str, str, object]], storage_options: dict | None = None):
+    """Embedded rows -> a row per table (table name, uri, schema): the fragments written for the good
+    rows that table still needs (JSON) and their ids; the errors of the bad rows go in the first row.
+    Runs as a Ray task (or in-process); commits nothing."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from slq.mlops.corpus.writer import META_BACKBONE, META_CKPT
+
     ok = pc.is_null(batch.column("error"))
-    good, bad = batch.filter(ok), batch.filter(pc.invert(ok))
+    needs = batch.column("targets").to_pylist()
+    out = {"table": [], "fragments": [], "ids": [], "errors": []}
+    for n, (name, uri, schema) in enumerate(tables):
+        mask = pa.array([bool(g) and name in want for g, want in zip(ok.to_pylist(), needs)])
+        good = batch.filter(mask)
+        meta = schema.metadata
+        rows = pa.table({
+            "id": good.column("id"), "vector": good.column(f"vector:{name}"), "text": good.column("text"),
+            "image": good.column("image"), "kind": good.column("kind"),
+            "checkpoint_hash": pa.array([meta[META_CKPT].decode()] * len(good), pa.string()),
+            "backbone_fingerprint": pa.array([meta[META_BACKBONE].decode()] * len(good), pa.string())})
+        out["table"].append(name)
+        out["fragments"].append(write_fragments(uri, rows, schema, storage_options))
+        out["ids"].append(good.column("id").to_pylist())
+        out["errors"].append(batch.filter(pc.invert(ok)).column("error").to_pylist() if n == 0 else [])
     strings = pa.list_(pa.string())
-    return pa.table({"fragments": pa.array([write_fragments(uri, good, schema, storage_options)], strings),
-                     "ids": pa.array([good.column("id").to_pylist()], strings),
-                     "errors": pa.array([bad.column("error").to_pylist()], strings)})
+    return pa.table({"table": pa.array(out["table"], pa.string()), "fragments": pa.array(out["fragments"], strings),
+                     "ids": pa.array(out["ids"], strings), "errors": pa.array(out["errors"], strings)})
 
 
 class _Committer:
-    """The driver's side: commits each written chunk once, counts, shows progress, stops on too
-    many bad items."""
+    """The driver's side: commits each written chunk once per table, counts, shows progress, stops on
+    too many bad items."""
 
-    def __init__(self, table: CorpusTable, total: int, job: EmbedJob):
+    def __init__(self, tables: dict[str, CorpusTable], total: int, job: EmbedJob):
         from slq.progress import bar
 
-        self.table, self.job = table, job
-        self.embedded = self.commits = 0
+        self.tables, self.job = tables, job
+        self.commits = 0
+        self.written = {name: 0 for name in tables}
+        self.done: set[str] = set()  # ids committed to some table in this run
         self.errors: list[str] = []
         self.bar = bar(total, "embedded + committed", show=job.progress)
         kill = os.environ.get(KILL_AFTER_COMMITS_ENV)
         self.kill_after = int(kill) if kill else None
 
+    @property
+    def embedded(self) -> int:
+        return len(self.done)
+
     def __call__(self, written) -> None:
-        for frags, ids, errs in zip(*(written.column(c).to_pylist() for c in ("fragments", "ids", "errors"))):
+        for name, frags, ids, errs in zip(*(written.column(c).to_pylist()
+                                            for c in ("table", "fragments", "ids", "errors"))):
             self.errors.extend(errs)
             if ids:
-                self.table.commit(frags, ids)
-                self.embedded += len(ids)
+                self.tables[name].commit(frags, ids)
+                self.written[name] += len(ids)
                 self.commits += 1
-                self.bar.update(len(ids))
+                new = set(ids) - self.done
+                self.done |= new
+                self.bar.update(len(new))
                 if self.kill_after is not None and self.commits >= self.kill_after:
                     import signal
 
@@ -224,61 +331,90 @@ class _Committer:
 
 
 def embed_corpus(job: EmbedJob) -> dict:
-    """Embed the manifest's items not yet in the table, commit them in chunks, and return a summary
-    (counts, table version, throughput). Raises CorpusError naming what to fix."""
+    """Embed the manifest's items not yet in every table, commit them in chunks, and return a summary
+    (counts, table versions, throughput). Raises CorpusError naming what to fix."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     job.check()
     start = time.perf_counter()
-    ckpt_hash, fingerprint, dim = checkpoint_identity(job.checkpoint)
+    targets = job_targets(job)
     items = read_manifest(job.manifest, job.storage_options)
-    schema = corpus_schema(dim, ckpt_hash, fingerprint)
-    table = CorpusTable(storage.absolute(job.db_uri), job.table, schema, job.storage_options)
-    committed = table.committed_ids()
-    before = len(committed)
-    known = pc.is_in(items.column("id"), value_set=pa.array(list(committed), pa.string()))
-    already = int(pc.sum(known).as_py() or 0)
-    pending = length_sorted(items.filter(pc.invert(known)))
-    committer = _Committer(table, len(pending), job)
+    db = storage.absolute(job.db_uri)
+    tables = {t.table: CorpusTable(db, t.table, corpus_schema(t.dim, t.checkpoint_hash, t.fingerprint),
+                                   job.storage_options) for t in targets}
+    ids = items.column("id").to_pylist()
+    before = {name: set(tbl.committed_ids()) for name, tbl in tables.items()}
+    needs = [[name for name in tables if i not in before[name]] for i in ids]
+    keep = pa.array([bool(n) for n in needs])
+    pending = items.append_column("targets", pa.array(needs, pa.list_(pa.string()))).filter(keep)
+    pending = length_sorted(pending)
+    committer = _Committer(tables, len(pending), job)
     try:
         if len(pending):
-            (_run_ray if job.engine == "ray" else _run_local)(job, pending, table, ckpt_hash, committer)
+            (_run_ray if job.engine == "ray" else _run_local)(job, pending, tables, targets, committer)
     finally:
         committer.bar.close()
     seconds = time.perf_counter() - start
-    summary = {"table": table.uri, "version": table.version, "engine": job.engine,
-               "actors": job.actors if job.engine == "ray" else 0, "manifest_items": len(items),
-               "already_committed": already, "embedded": committer.embedded, "commits": committer.commits,
-               "failed": len(committer.errors), "rows": len(table.committed_ids()),
-               "not_in_manifest": before - already,  # ids committed earlier that the manifest no longer has
-               "checkpoint_hash": ckpt_hash, "backbone_fingerprint": fingerprint,
-               "seconds": round(seconds, 3), "items_per_s": round(committer.embedded / seconds, 3) if seconds else None}
+    manifest_ids = set(ids)
+
+    def table_summary(t: Target) -> dict:
+        tbl = tables[t.table]
+        already = len(before[t.table] & manifest_ids)
+        return {"table": tbl.uri, "version": tbl.version, "already_committed": already,
+                "embedded": committer.written[t.table], "rows": len(tbl.committed_ids()),
+                "not_in_manifest": len(before[t.table]) - already,  # ids committed earlier, no longer in the manifest
+                "checkpoint_hash": t.checkpoint_hash}
+
+    common = {"engine": job.engine, "actors": job.actors if job.engine == "ray" else 0, "manifest_items": len(items)}
+    if job.banks:
+        summary = {"table": db, **common, "already_committed": len(items) - len(pending),
+                   "embedded": committer.embedded, "commits": committer.commits, "failed": len(committer.errors),
+                   "backbone_fingerprint": targets[0].fingerprint,
+                   "banks": {t.bank: table_summary(t) for t in targets}}
+    else:
+        one = table_summary(targets[0])
+        summary = {"table": one["table"], "version": one["version"], **common,
+                   "already_committed": one["already_committed"], "embedded": committer.embedded,
+                   "commits": committer.commits, "failed": len(committer.errors), "rows": one["rows"],
+                   "not_in_manifest": one["not_in_manifest"], "checkpoint_hash": one["checkpoint_hash"],
+                   "backbone_fingerprint": targets[0].fingerprint}
+    summary.update({"seconds": round(seconds, 3),
+                    "items_per_s": round(committer.embedded / seconds, 3) if seconds else None})
     if committer.errors:
         shown = "\n  ".join(committer.errors[:20])
         more = f"\n  ... and {len(committer.errors) - 20} more" if len(committer.errors) > 20 else ""
+        where = db if job.banks else next(iter(tables.values())).uri
         err = CorpusError(f"{len(committer.errors)} item(s) could not be embedded (the other {committer.embedded} "
-                          f"were committed to {table.uri}):\n  {shown}{more}\nFix or remove them and rerun: only the "
+                          f"were committed to {where}):\n  {shown}{more}\nFix or remove them and rerun: only the "
                           "ids not in the table are embedded")
         err.summary = summary
         raise err
     return summary
 
 
-def _run_local(job: EmbedJob, pending, table: CorpusTable, ckpt_hash: str, commit: _Committer) -> None:
+def _table_specs(tables: dict[str, CorpusTable]) -> list[tuple[str, str, object]]:
+    return [(name, tbl.uri, tbl.schema) for name, tbl in tables.items()]
+
+
+def _run_local(job: EmbedJob, pending, tables: dict[str, CorpusTable], targets: list[Target],
+               commit: _Committer) -> None:
     """The in-process engine: the same embedder, chunks and commits as on Ray, one after another."""
     import pyarrow as pa
 
-    embedder = CorpusEmbedder(job.checkpoint, ckpt_hash, job.backbone, job.dtype, job.device, job.storage_options)
+    embedder = CorpusEmbedder(targets, job.backbone, job.dtype, job.device, job.storage_options)
+    specs = _table_specs(tables)
     for start in range(0, len(pending), job.commit_rows):
         chunk = pending.slice(start, job.commit_rows)
         rows = pa.concat_tables([embedder(chunk.slice(s, job.batch_size))
                                  for s in range(0, len(chunk), job.batch_size)])
-        commit(write_chunk(rows, table.uri, table.schema, job.storage_options))
+        commit(write_chunk(rows, specs, job.storage_options))
 
 
-def _run_ray(job: EmbedJob, pending, table: CorpusTable, ckpt_hash: str, commit: _Committer) -> None:
+def _run_ray(job: EmbedJob, pending, tables: dict[str, CorpusTable], targets: list[Target],
+             commit: _Committer) -> None:
     """Ray Data: input blocks -> embedding actors -> fragment-writing tasks -> the driver commits."""
+    import dataclasses
+
     import ray
     import ray.data
 
@@ -299,16 +435,16 @@ def _run_ray(job: EmbedJob, pending, table: CorpusTable, ckpt_hash: str, commit:
         per_actor = len(pending) // (job.actors * 2 * job.batch_size)
         block = job.batch_size * max(1, min(BLOCK_BATCHES, per_actor))
         ds = ray.data.from_arrow([pending.slice(s, block) for s in range(0, len(pending), block)])
+        on_workers = [dataclasses.replace(t, checkpoint=storage.absolute(t.checkpoint)) for t in targets]
         ds = ds.map_batches(
             CorpusEmbedder, batch_size=job.batch_size, batch_format="pyarrow",
-            fn_constructor_kwargs={"checkpoint": storage.absolute(job.checkpoint), "checkpoint_hash": ckpt_hash,
+            fn_constructor_kwargs={"targets": on_workers,
                                    "backbone": storage.absolute(job.backbone) if job.backbone else None,
                                    "dtype": job.dtype, "device": job.device, "storage_options": job.storage_options,
                                    "threads": max(1, int(job.cpus_per_actor)) if not gpus else None},
             compute=ray.data.ActorPoolStrategy(size=job.actors), num_cpus=job.cpus_per_actor, num_gpus=gpus)
         ds = ds.map_batches(write_chunk, batch_size=job.commit_rows, batch_format="pyarrow",
-                            fn_kwargs={"uri": table.uri, "schema": table.schema,
-                                       "storage_options": job.storage_options})
+                            fn_kwargs={"tables": _table_specs(tables), "storage_options": job.storage_options})
         try:
             for written in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 commit(written)
