@@ -239,5 +239,41 @@ def test_cli_bank_options_are_checked_in_one_line(project):
     runner = CliRunner()
     res = runner.invoke(cli.app, ["serve", "--bank", "b=checkpoints/b", "-p", params])
     assert res.exit_code == 1 and "--bank applies to --search only" in res.output
-    res = runner.invoke(cli.app, ["serve", "--search", "--bank", "b", "-p", params])
-    assert res.exit_code == 1 and "--bank 'b': expected NAME=PATH" in res.output
+    res = runner.invoke(cli.app, ["serve", "--search", "--bank", "nope", "-p", params])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "--bank 'nope': no pipeline bank" in res.output and "nope.yaml" in res.output
+    res = runner.invoke(cli.app, ["serve", "--search", "--bank", "b=", "-p", params])
+    assert res.exit_code == 1 and "--bank 'b=': expected NAME=PATH" in res.output
+
+
+def test_a_pipeline_bank_by_name_brings_its_checkpoint_and_index(project):
+    """`--bank q16`: the bank's params overlay (params/banks/q16.yaml, as dvc.yaml's bank stages run
+    it) gives its checkpoint and, once the index stage built it, its index; the service then
+    searches with that bank exactly as with the paths given by hand."""
+    from fastapi.testclient import TestClient
+
+    from slq.mlops.bank_set import resolve_banks
+    from slq.mlops.service import create_app
+
+    root, cfg = project["root"], project["cfg"]
+    overlays = root / "params" / "banks"
+    overlays.mkdir(parents=True, exist_ok=True)
+    (overlays / "b.yaml").write_text("extends: ../../params.yaml\nroot: .\ntrain: {out: checkpoints/b}\n"
+                                     "index: {uri: artifacts/lancedb_b}\n")
+    (overlays / "c.yaml").write_text("extends: ../../params.yaml\nroot: .\ntrain: {out: checkpoints/c}\n"
+                                     "index: {uri: artifacts/lancedb_c_not_built}\n")
+    banks, indexes = resolve_banks(cfg, ["b", "c", "x=checkpoints/c"])
+    assert banks == {"x": "checkpoints/c", "b": str(root / "checkpoints" / "b"), "c": str(root / "checkpoints" / "c")}
+    assert indexes == {"b": str(root / "artifacts" / "lancedb_b")}  # c's index is not built: c embeds only
+    assert resolve_banks(cfg, ["b"], ["b=elsewhere"])[1] == {"b": "elsewhere"}  # --bank-index wins
+    with pytest.raises(ValueError, match=r"--bank 'b' is given twice"):
+        resolve_banks(cfg, ["b=checkpoints/b", "b"])
+
+    by_name = TestClient(create_app(cfg, encoder=project["enc"], banks=banks, bank_indexes=indexes))
+    by_hand = TestClient(create_app(cfg, encoder=project["enc"], banks={"b": "checkpoints/b"},
+                                    bank_indexes={"b": "artifacts/lancedb_b"}))
+    body = {"text": "a red circle", "k": 5, "bank": "b"}
+    got, want = by_name.post("/search", json=body), by_hand.post("/search", json=body)
+    assert got.status_code == 200 and got.json()["hits"] == want.json()["hits"] and len(got.json()["hits"]) == 5
+    assert list(by_name.get("/health").json()["banks"]) == ["default", "x", "b", "c"]
+    assert by_name.post("/search", json={**body, "bank": "c"}).status_code == 404  # no index: it embeds only

@@ -2,6 +2,7 @@
 `default`, and every other bank loaded onto the same backbone (slq.banks.MultiBankEncoder).
 
     slq serve --search --bank captions=checkpoints/banks/captions --bank-index captions=lancedb_captions
+    slq serve --search --bank q16 --bank seed1     # the pipeline's banks: params/banks/<name>.yaml
 
 A bank trained on another backbone (content fingerprint), with another pixel budget, or by a
 method that changes the backbone (LoRA, full fine-tuning) is refused by name before the server
@@ -24,6 +25,7 @@ from slq.mlops.config import Config
 from slq.mlops.search import Searcher, SearchError
 
 DEFAULT_BANK = "default"
+BANK_OVERLAYS = "params/banks"  # the pipeline's bank set: one params overlay per bank (dvc.yaml's bank_* stages)
 
 
 class UnknownBank(SearchError):
@@ -68,6 +70,47 @@ def parse_pairs(items: Sequence[str] | None, option: str) -> dict[str, str]:
             raise ValueError(f"{option} {name!r} is given twice")
         out[name] = value
     return out
+
+
+def pipeline_bank(cfg: Config, name: str) -> tuple[Path, Path | None]:
+    """A bank of the pipeline's bank set by name -> (its checkpoint, its LanceDB index or None when
+    the index stage has not built it), read from its overlay `params/banks/<name>.yaml` (what
+    dvc.yaml's bank_* stages run). Relative paths are taken from the served project's folder."""
+    from slq.mlops.config import ConfigError, load_config
+
+    overlay = cfg.path(Path(BANK_OVERLAYS) / f"{name}.yaml")
+    if not overlay.is_file():
+        raise ValueError(f"--bank {name!r}: no pipeline bank {overlay} (dvc.yaml's bank set); give NAME=CHECKPOINT "
+                         "for a checkpoint of your own")
+    try:
+        bank_cfg = load_config(overlay)
+    except ConfigError as e:
+        raise ValueError(f"--bank {name!r}: {e}") from None
+    index = cfg.path(bank_cfg.index.uri)
+    return cfg.path(bank_cfg.train.out), (index if index.is_dir() else None)
+
+
+def resolve_banks(cfg: Config, items: Sequence[str] | None,
+                  index_items: Sequence[str] | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """The serve command's --bank and --bank-index items -> ({name: checkpoint}, {name: index}).
+
+    `NAME=CHECKPOINT` is taken as given; a bare `NAME` is the pipeline's bank of that name
+    (`pipeline_bank`), served with the index its bank_index stage built, unless --bank-index names
+    another. ValueError of one line for anything else."""
+    named = [i for i in items or [] if "=" not in i]
+    banks = parse_pairs([i for i in items or [] if "=" in i], "--bank")
+    indexes = parse_pairs(index_items, "--bank-index")
+    for name in named:
+        name = name.strip()
+        if not name:
+            raise ValueError("--bank '': expected NAME or NAME=CHECKPOINT")
+        if name in banks:
+            raise ValueError(f"--bank {name!r} is given twice")
+        ckpt, index = pipeline_bank(cfg, name)
+        banks[name] = str(ckpt)
+        if index is not None:
+            indexes.setdefault(name, str(index))
+    return banks, indexes
 
 
 class BankSet:

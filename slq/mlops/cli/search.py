@@ -88,7 +88,8 @@ def serve(port: int = typer.Option(5001, help="Port to listen on."),
           exact: bool = typer.Option(False, "--exact", help="With --search: exact search even where a table has "
                                      "a tuned ANN index."),
           bank: Optional[list[str]] = typer.Option(None, "--bank", help="With --search: NAME=CHECKPOINT, another "
-                                                   "query bank on the same backbone (repeatable; the served "
+                                                   "query bank on the same backbone, or NAME, the pipeline's bank "
+                                                   "params/banks/NAME.yaml with its index (repeatable; the served "
                                                    "checkpoint is bank 'default')."),
           bank_index: Optional[list[str]] = typer.Option(None, "--bank-index", help="With --search: NAME=DIR, a "
                                                          "bank's LanceDB index (built with its checkpoint)."),
@@ -104,10 +105,10 @@ def serve(port: int = typer.Option(5001, help="Port to listen on."),
         for given, name in ((exact, "--exact"), (bank, "--bank"), (bank_index, "--bank-index"), (answer, "--answer")):
             if given:
                 fail(f"{name} applies to --search only")
-    from slq.mlops.bank_set import parse_pairs
+    from slq.mlops.bank_set import resolve_banks
 
     try:
-        banks, bank_indexes = parse_pairs(bank, "--bank"), parse_pairs(bank_index, "--bank-index")
+        banks, bank_indexes = resolve_banks(cfg, bank, bank_index)
     except ValueError as e:
         fail(str(e))
     if search_:
