@@ -48,17 +48,13 @@ def corpus_embed(
     slq corpus embed corpus.jsonl --bank default=checkpoints/slq --bank q16=checkpoints/banks/q16
     (tables corpus_default and corpus_q16, one pass over the corpus for both)
     """
-    from slq.mlops.corpus import CorpusError
     from slq.mlops.corpus.embed import EmbedJob, embed_corpus
     from slq.mlops.corpus.storage import is_remote, storage_options
 
     cfg = config(params, set_)
     c = cfg.corpus
     banks = _banks(bank, cfg)
-    if banks and checkpoint:
-        raise CorpusError("give --checkpoint or --bank, not both: with --bank, name every bank (e.g. --bank "
-                          f"default={checkpoint})")
-    ckpt = None if banks else checkpoint or cfg.path(c.checkpoint or cfg.train.out)
+    ckpt = checkpoint if banks else checkpoint or cfg.path(c.checkpoint or cfg.train.out)  # both given: refused
     db_uri = uri or (c.uri if is_remote(c.uri) else str(cfg.path(c.uri)))
     job = EmbedJob(
         manifest=manifest, checkpoint=str(ckpt) if ckpt else None, banks=banks, db_uri=db_uri, table=table or c.table,
@@ -119,7 +115,7 @@ def _show(title: str, record: dict, as_json: bool) -> None:
         return
     rows = []
     for k, v in record.items():
-        if isinstance(v, dict) and v and all(isinstance(sub, dict) for sub in v.values()):  # banks
+        if k == "banks":  # {bank: its table's record}
             rows += [{"": f"{k}.{bank}.{kk}", "value": vv} for bank, sub in v.items() for kk, vv in sub.items()]
         else:
             rows.append({"": k, "value": v})

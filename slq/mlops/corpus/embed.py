@@ -93,7 +93,7 @@ class EmbedJob:
             raise CorpusError(f"table name {self.table!r}: give a plain name (letters, digits, '_', '-', '.'; "
                               "no '/')")
         if self.banks and self.checkpoint:
-            raise CorpusError("give a checkpoint or banks, not both: with banks every one is named (e.g. --bank "
+            raise CorpusError("give --checkpoint or --bank, not both: with --bank, name every bank (e.g. --bank "
                               f"default={self.checkpoint})")
         if not self.banks and not self.checkpoint:
             raise CorpusError("no checkpoint: give --checkpoint (or corpus.checkpoint / train.out) or --bank NAME=CKPT")
@@ -185,7 +185,6 @@ class CorpusEmbedder:
 
             self.encoder = from_pretrained(backbone=backbone, queries=targets[0].checkpoint, dtype=dtype,
                                            device=device)
-            self.multibank = None
         else:
             from slq.banks import BankError, MultiBankEncoder
 
@@ -194,7 +193,6 @@ class CorpusEmbedder:
                                                                 backbone=backbone, dtype=dtype, device=device)
             except BankError as e:
                 raise CorpusError(str(e)) from None
-            self.multibank = self.encoder
         self.encoder.eval()
         self.dim = self.encoder.backbone.hidden_size
         self.storage_options = storage_options or {}
@@ -220,7 +218,7 @@ class CorpusEmbedder:
     def _encode(self, kind: str, items: list, tables: tuple[str, ...]) -> dict:
         """{table: (N, D)} for `tables`, all from one pass over `items`."""
         method = getattr(self.encoder, f"encode_{kind}")
-        if self.multibank is None:
+        if self.targets[tables[0]].bank is None:  # the single checkpoint's own encoder
             return {tables[0]: method(items, batch_size=len(items), progress=False)}
         out = method(items, banks=[self.targets[t].bank for t in tables], batch_size=len(items), progress=False)
         return {t: out[self.targets[t].bank] for t in tables}
@@ -270,10 +268,10 @@ def write_chunk(batch, tables: list[tuple[str, str, object]], storage_options: d
     from slq.mlops.corpus.writer import META_BACKBONE, META_CKPT
 
     ok = pc.is_null(batch.column("error"))
-    needs = batch.column("targets").to_pylist()
+    good_needs = [want if g else () for g, want in zip(ok.to_pylist(), batch.column("targets").to_pylist())]
     out = {"table": [], "fragments": [], "ids": [], "errors": []}
     for n, (name, uri, schema) in enumerate(tables):
-        mask = pa.array([bool(g) and name in want for g, want in zip(ok.to_pylist(), needs)])
+        mask = pa.array([name in want for want in good_needs])
         good = batch.filter(mask)
         meta = schema.metadata
         rows = pa.table({
@@ -343,8 +341,11 @@ def embed_corpus(job: EmbedJob) -> dict:
     tables = {t.table: CorpusTable(db, t.table, corpus_schema(t.dim, t.checkpoint_hash, t.fingerprint),
                                    job.storage_options) for t in targets}
     ids = items.column("id").to_pylist()
-    before = {name: set(tbl.committed_ids()) for name, tbl in tables.items()}
-    needs = [[name for name in tables if i not in before[name]] for i in ids]
+    committed = {name: tbl.committed_ids() for name, tbl in tables.items()}
+    needs = [[name for name in tables if i not in committed[name]] for i in ids]
+    # per table, before the run: manifest ids it has, and ids it has that the manifest no longer lists
+    already = {name: len(ids) - sum(name in n for n in needs) for name in tables}
+    stale = {name: len(committed[name]) - already[name] for name in tables}
     keep = pa.array([bool(n) for n in needs])
     pending = items.append_column("targets", pa.array(needs, pa.list_(pa.string()))).filter(keep)
     pending = length_sorted(pending)
@@ -355,15 +356,12 @@ def embed_corpus(job: EmbedJob) -> dict:
     finally:
         committer.bar.close()
     seconds = time.perf_counter() - start
-    manifest_ids = set(ids)
 
     def table_summary(t: Target) -> dict:
         tbl = tables[t.table]
-        already = len(before[t.table] & manifest_ids)
-        return {"table": tbl.uri, "version": tbl.version, "already_committed": already,
+        return {"table": tbl.uri, "version": tbl.version, "already_committed": already[t.table],
                 "embedded": committer.written[t.table], "rows": len(tbl.committed_ids()),
-                "not_in_manifest": len(before[t.table]) - already,  # ids committed earlier, no longer in the manifest
-                "checkpoint_hash": t.checkpoint_hash}
+                "not_in_manifest": stale[t.table], "checkpoint_hash": t.checkpoint_hash}
 
     common = {"engine": job.engine, "actors": job.actors if job.engine == "ray" else 0, "manifest_items": len(items)}
     if job.banks:
