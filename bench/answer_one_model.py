@@ -31,11 +31,10 @@ QUESTIONS = ["Where is the red circle?", "What is next to the blue square?", "Wh
 
 
 def memory() -> dict:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            out[line.split(":")[0]] = int(line.split()[1])
-    return {"rss_mib": round(out["VmRSS"] / 1024, 1), "peak_mib": round(out["VmHWM"] / 1024, 1)}
+    """This process's resident memory and its peak (MiB), read as bench_serve reads the server's."""
+    from bench_serve import status_kib
+
+    return status_kib("self")
 
 
 def main() -> None:

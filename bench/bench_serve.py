@@ -42,7 +42,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def status_kib(pid: int) -> dict:
+def status_kib(pid: int | str) -> dict:
+    """VmRSS and VmHWM of process `pid` ("self": this one) in MiB."""
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(("VmRSS:", "VmHWM:")):
